@@ -66,3 +66,18 @@ def build_optimizer(model: List, optim: OptimConfig, parallel: ParallelConfig):
         use_distributed_optimizer=parallel.distributed_optimizer,
     )
     return get_megatron_optimizer(cfg, model)
+
+
+def build_scheduler(optimizer, optim: OptimConfig, train_steps: int):
+    """Megatron's LR / weight-decay schedule (linear warmup from 0, then cosine / WSD / linear /
+    constant to min_lr at train_steps; no decay on 1-D parameters via their group's wd_mult). It only
+    touches `optimizer.param_groups`, so the DeepSpeed trainer uses it too: same schedule, both engines."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o = optim
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.lr_warmup_steps,
+        lr_decay_steps=train_steps, lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay,
+        end_wd=o.weight_decay, wd_incr_steps=train_steps, wd_incr_style="constant",
+        wsd_decay_steps=o.lr_wsd_decay_steps, lr_wsd_decay_style="cosine" if o.lr_decay_style == "WSD" else None,
+    )

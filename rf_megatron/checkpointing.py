@@ -133,13 +133,18 @@ def save_checkpoint(root, step: int, model: List, optimizer, scheduler, train_st
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        pointer = root / f"{LATEST}.tmp"
-        pointer.write_text(name)
-        pointer.replace(root / LATEST)
-        _prune(root, keep_last)
-        _fsync_dir(root)
+        commit(root, name, keep_last)
     dist.barrier()
     return final
+
+
+def commit(root: Path, name: str, keep_last: int) -> None:
+    """Point `latest` at the finished checkpoint `name` (write + rename) and drop old ones (rank 0)."""
+    pointer = root / f"{LATEST}.tmp"
+    pointer.write_text(name)
+    pointer.replace(root / LATEST)
+    _prune(root, keep_last)
+    _fsync_dir(root)
 
 
 def _prune(root: Path, keep_last: int) -> None:

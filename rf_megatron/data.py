@@ -4,7 +4,7 @@ train/valid/test splits, and iterators whose position (consumed samples) is chec
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import torch
 
@@ -62,13 +62,16 @@ class MicrobatchStream:
     """Deterministic, resumable batches: global batch k holds samples [k*G, (k+1)*G) of the
     dataset (it shuffles itself); DP rank r takes its contiguous slice, split into microbatches."""
 
-    def __init__(self, dataset, global_batch: int, micro_batch: int, consumed_samples: int = 0):
-        from megatron.core import parallel_state
+    def __init__(self, dataset, global_batch: int, micro_batch: int, consumed_samples: int = 0,
+                 dp_rank: Optional[int] = None, dp_size: Optional[int] = None):
+        if dp_rank is None:  # Megatron's data-parallel group (the DeepSpeed trainer passes its own)
+            from megatron.core import parallel_state
 
+            dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         self.dataset, self.global_batch, self.micro_batch = dataset, global_batch, micro_batch
         self.consumed_samples = consumed_samples
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.per_rank = global_batch // parallel_state.get_data_parallel_world_size()
+        self.dp_rank = dp_rank
+        self.per_rank = global_batch // dp_size
         self.num_microbatches = self.per_rank // micro_batch
 
     def next_global_batch(self) -> List[Dict[str, torch.Tensor]]:

@@ -62,6 +62,17 @@ class LoggingConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """Only pretrain/pretrain_hf_deepspeed.py reads this (the Megatron trainer ignores it; that one
+    reads `parallel`, which DeepSpeed ignores: it is data parallel over every process)."""
+
+    config: str = "zero2"  # zero1 | zero2 | zero3 (pretrain/configs/deepspeed/) or a DeepSpeed JSON file
+    zero_stage: Optional[int] = None  # overrides zero_optimization.stage of that config
+    init_from_hf: Optional[str] = None  # start from this HF folder (Llama / RFGPT) instead of a fresh init
+    hf_output: Optional[str] = None  # the final HF folder (default: <logging.dir>/hf)
+
+
+@dataclass
 class RunConfig:
     name: str = "default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -71,6 +82,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def validate(self, world_size: Optional[int] = None) -> None:
         self.parallel.validate(world_size)

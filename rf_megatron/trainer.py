@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from typing import Dict, List
 
 import torch
@@ -14,7 +13,7 @@ import torch.distributed as dist
 import yaml
 
 from . import distopt_fixes
-from .build import build_model, build_optimizer, init_parallel
+from .build import build_model, build_optimizer, build_scheduler, init_parallel
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError
 from .cpu_mode import maybe_enable_cpu_mode_from_env
@@ -24,11 +23,7 @@ from .metrics import MetricsLogger
 from .model import unwrap
 from .run_config import RunConfig, save_yaml, to_dict
 from .schedule import forward_backward
-from .signals import ExitSignals
-
-
-class TrainingStopped(RuntimeError):
-    """A NaN/Inf under nan_policy=stop: a clear message instead of a corrupted run."""
+from .training_loop import TrainingLoop
 
 
 def _loss_func(loss_mask, output_tensor):
@@ -56,7 +51,9 @@ def _global_loss(losses: List[Dict]) -> float:
     return (stats[0] / stats[1].clamp(min=1)).item()
 
 
-class Trainer:
+class Trainer(TrainingLoop):
+    """Megatron-Core engine: TP / SP / PP (1F1B, interleaved) / DP with the (distributed) optimizer."""
+
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.cpu = maybe_enable_cpu_mode_from_env()
@@ -72,19 +69,13 @@ class Trainer:
         init_parallel(cfg.parallel, seed=cfg.train.seed)
         distopt_fixes.apply_if_needed()
         from megatron.core import parallel_state as ps
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         self.ps = ps
         torch.manual_seed(cfg.train.seed)
         self.model, self.config = build_model(cfg.model, cfg.parallel, cpu=self.cpu)
         self.optimizer = build_optimizer(self.model, cfg.optim, cfg.parallel)
-        o, t = cfg.optim, cfg.train
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.lr_warmup_steps,
-            lr_decay_steps=t.train_steps, lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay,
-            end_wd=o.weight_decay, wd_incr_steps=t.train_steps, wd_incr_style="constant",
-            wsd_decay_steps=o.lr_wsd_decay_steps, lr_wsd_decay_style="cosine" if o.lr_decay_style == "WSD" else None,
-        )
+        t = cfg.train
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.train_steps)
         evals = t.train_steps // t.eval_interval + 2 if t.eval_interval else 2
         self.train_ds, self.valid_ds, _ = build_datasets(
             cfg.data.paths, cfg.data.split, cfg.model.seq_length, self.tokenizer, t.seed,
@@ -101,7 +92,11 @@ class Trainer:
             save_yaml(cfg, os.path.join(cfg.logging.dir, "config.yaml"))
         ckpt = cfg.checkpoint
         if ckpt.dir and ckpt.resume and (path := latest_checkpoint(ckpt.dir)) is not None:
-            saved = json.loads((path / "train_state.json").read_text()).get("distributed_optimizer")
+            train_state = json.loads((path / "train_state.json").read_text())
+            if train_state.get("engine", "megatron") != "megatron":
+                raise ConfigError(f"{path} is a {train_state['engine']} checkpoint: resume it with "
+                                  "pretrain/pretrain_hf_deepspeed.py, or point checkpoint.dir elsewhere")
+            saved = train_state.get("distributed_optimizer")
             if saved is not None and saved != cfg.parallel.distributed_optimizer:
                 raise ConfigError(f"{path} was saved with parallel.distributed_optimizer={str(saved).lower()}: "
                                   "resume with the same setting (Megatron's optimizer checkpoint formats differ)")
@@ -119,10 +114,6 @@ class Trainer:
                     f"world {dist.get_world_size()} = TP{cfg.parallel.tensor_parallel} x PP{cfg.parallel.pipeline_parallel}"
                     f" x DP{ps.get_data_parallel_world_size()}, {self.stream.num_microbatches} microbatches/step")
 
-    def _print(self, msg: str) -> None:
-        if dist.get_rank() == 0:
-            print(msg, flush=True)
-
     def _run_batch(self, microbatches, forward_only=False):
         return forward_backward(
             model_chunks=self.model, forward_step_func=_forward_step,
@@ -136,15 +127,12 @@ class Trainer:
         self.optimizer.zero_grad()
         loss = _global_loss(self._run_batch(self.stream.next_global_batch()))
         if not math.isfinite(loss):
-            if self.cfg.train.nan_policy == "stop":
-                raise TrainingStopped(f"loss is {loss} at step {self.step + 1}: stopping "
-                                      "(train.nan_policy=skip skips such steps instead)")
+            self.check_finite("loss", loss)
             self._print(f"step {self.step + 1}: loss is {loss}, skipping the update (train.nan_policy=skip)")
             return loss, float("nan"), False
         ok, grad_norm, _ = self.optimizer.step()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        if not math.isfinite(grad_norm) and self.cfg.train.nan_policy == "stop":
-            raise TrainingStopped(f"grad norm is {grad_norm} at step {self.step + 1}: stopping")
+        self.check_finite("grad norm", grad_norm)
         self.scheduler.step(increment=1)
         return loss, grad_norm, ok
 
@@ -187,68 +175,13 @@ class Trainer:
             return
         self._saved_step = self.step
         path = save_checkpoint(ckpt.dir, self.step, self.model, self.optimizer, self.scheduler,
-                               {"consumed_samples": self.stream.consumed_samples,
+                               {"engine": "megatron", "consumed_samples": self.stream.consumed_samples,
                                 "distributed_optimizer": self.cfg.parallel.distributed_optimizer},
                                self.config_yaml, ckpt.keep_last)
         self._print(f"saved checkpoint {path}")
 
-    def train(self) -> Dict[str, float]:
-        t, ckpt = self.cfg.train, self.cfg.checkpoint
-        signals = ExitSignals(max_minutes=t.exit_duration_mins) if t.exit_on_signal or t.exit_duration_mins else None
-        tokens_per_step = t.global_batch_size * self.cfg.model.seq_length
-        window_loss, window_steps, window_start = 0.0, 0, time.time()
-        result = {}
-        try:
-            while self.step < t.train_steps:
-                loss, grad_norm, _ = self.train_step()
-                self.step += 1
-                if math.isfinite(loss):
-                    window_loss, window_steps = window_loss + loss, window_steps + 1
-                if self.step % t.log_interval == 0 or self.step == t.train_steps:
-                    self._log_train(loss, grad_norm, window_loss / max(window_steps, 1), window_steps,
-                                    time.time() - window_start, tokens_per_step)
-                    window_loss, window_steps, window_start = 0.0, 0, time.time()
-                if t.lambda_log_interval and self.step % t.lambda_log_interval == 0:
-                    lambdas = self.lambdas()
-                    if lambdas:
-                        self.metrics.log(self.step, lambdas)
-                if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.train_steps:
-                    self._log_eval()
-                if ckpt.save_interval and self.step % ckpt.save_interval == 0:
-                    self.save()
-                reason = signals.should_exit() if signals else ""
-                if not reason and t.exit_interval and self.step % t.exit_interval == 0:
-                    reason = f"exit_interval={t.exit_interval}"
-                if reason and self.step < t.train_steps:
-                    self._print(f"{reason}: saving at step {self.step} and exiting")
-                    self.save()
-                    return {"step": self.step, "stopped": reason}
-            result["valid_loss"] = self._log_eval()
-            self.save()
-            result["step"] = self.step
-            return result
-        finally:
-            if signals:
-                signals.restore()
-            self.metrics.close()
-
-    def _log_train(self, loss, grad_norm, mean_loss, steps, seconds, tokens_per_step):
-        tokens_per_s = steps * tokens_per_step / max(seconds, 1e-9)
-        tflops = tokens_per_s * self.flops_per_token / dist.get_world_size() / 1e12
-        lr = self.optimizer.param_groups[0]["lr"]
-        metrics = {"loss": mean_loss, "last_loss": loss, "lr": lr, "grad_norm": grad_norm,
-                   "tokens_per_s": tokens_per_s, "tflops_per_device": tflops,
-                   "mfu": tflops / self.cfg.logging.peak_tflops, "consumed_samples": self.stream.consumed_samples}
-        self.metrics.log(self.step, metrics, console=(
-            f"step {self.step:>6}/{self.cfg.train.train_steps} | loss {mean_loss:.4f} | lr {lr:.3e} | "
-            f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | {tflops:.3f} TFLOP/s/device | "
-            f"MFU {100 * metrics['mfu']:.2f}%"))
-
-    def _log_eval(self) -> float:
-        loss = self.evaluate()
-        self.metrics.log(self.step, {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50))},
-                         console=f"step {self.step:>6} | validation loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f}")
-        return loss
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
 
     def close(self) -> None:
         self.ps.destroy_model_parallel()

@@ -1,10 +1,10 @@
 """Pre-flight check for a SLURM training job, run before anything expensive is launched.
 
-    python slurm/check_config.py --world-size 16 [--shell] PRESET [key=value ...]
+    python slurm/check_config.py --world-size 16 [--engine deepspeed] [--shell] PRESET [key=value ...]
 
 Loads the preset with its overrides exactly as the trainer will, and checks: the preset exists,
 every option is valid, the world size (nodes x tasks per node) fits TP x PP x CP and the batch
-sizes, the data and tokenizer files exist, the checkpoint and log directories are writable.
+sizes (--engine deepspeed: the DeepSpeed config instead of TP x PP), the data and tokenizer files exist, the checkpoint and log directories are writable.
 On failure it prints ONE line `error: ...` to stderr and exits 2.
 
 With --shell it prints what the batch script needs to know afterwards, as shell assignments:
@@ -51,11 +51,22 @@ def _data_files(cfg: RunConfig) -> None:
             raise ConfigError(str(exc)) from None
 
 
-def check(config: str, overrides, world_size: int, layout: str = "") -> RunConfig:
+def _validate_deepspeed(cfg: RunConfig, world_size: int) -> None:
+    from rf_megatron.zero import ds_config
+    from rf_megatron.zero.trainer import prepare_config
+
+    prepare_config(cfg, world_size)
+    ds_config.resolve(cfg, world_size, cuda=True)  # the batch host may have no GPU: the ranks check that
+
+
+def check(config: str, overrides, world_size: int, layout: str = "", engine: str = "megatron") -> RunConfig:
     """Raise ConfigError (one line) if the job cannot work; return the resolved config."""
     cfg = load_run_config(config, list(overrides))
     try:
-        cfg.validate(world_size)
+        if engine == "deepspeed":
+            _validate_deepspeed(cfg, world_size)
+        else:
+            cfg.validate(world_size)
     except ConfigError as exc:
         msg = str(exc)
         if layout and "world size" in msg:
@@ -86,13 +97,15 @@ def main(argv=None) -> int:
     parser.add_argument("--world-size", type=int, required=True, help="total number of ranks (nodes x tasks/node)")
     parser.add_argument("--layout", default="", help="how the world size came about, for messages")
     parser.add_argument("--shell", action="store_true", help="print shell assignments for the batch script")
+    parser.add_argument("--engine", choices=("megatron", "deepspeed"), default="megatron",
+                        help="which trainer the job runs (pretrain_resformer.py or pretrain_hf_deepspeed.py)")
     parser.add_argument("config", help="preset name or YAML path")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     try:
         if args.world_size < 1:
             raise ConfigError(f"world size {args.world_size} must be >= 1")
-        cfg = check(args.config, args.overrides, args.world_size, args.layout)
+        cfg = check(args.config, args.overrides, args.world_size, args.layout, args.engine)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     parser.add_argument("--signal-seconds", type=int, default=300,
                         help="SIGUSR1 this long before the time limit: save, requeue, resume (0: none)")
     parser.add_argument("--max-restarts", type=int, help="RF_MAX_RESTARTS (default 10)")
+    parser.add_argument("--engine", choices=("megatron", "deepspeed"), default="megatron",
+                        help="trainer: Megatron-Core or the HF model with DeepSpeed ZeRO (RF_ENGINE)")
     parser.add_argument("--python", help="interpreter inside the job (RF_PYTHON; default: python on PATH)")
     parser.add_argument("--sbatch", action="append", default=[], metavar="ARG", help="extra sbatch argument")
     parser.add_argument("--no-check", action="store_true", help="skip the pre-flight check here (the job still runs it)")
@@ -97,7 +99,8 @@ def main(argv=None) -> int:
                 words = shlex.split(line)
                 if not args.no_check:
                     try:
-                        check(words[0], exp_overrides(f"{exp}/{i}", args.runs) + words[1:], world, layout)
+                        check(words[0], exp_overrides(f"{exp}/{i}", args.runs) + words[1:], world, layout,
+                              args.engine)
                     except ConfigError as exc:
                         raise ConfigError(f"{sweep} configuration {i} ({line}): {exc}") from None
         else:
@@ -105,7 +108,7 @@ def main(argv=None) -> int:
                 raise ConfigError("give a preset (and overrides) or --sweep FILE")
             exp = args.exp or default_exp(args.config, args.overrides)
             if not args.no_check:
-                check(args.config, exp_overrides(exp, args.runs) + args.overrides, world, layout)
+                check(args.config, exp_overrides(exp, args.runs) + args.overrides, world, layout, args.engine)
         if not shutil.which("sbatch") and not args.dry_run:
             raise ConfigError("sbatch not found: is this a SLURM login node? (slurm/local-cluster/start.sh "
                               "starts a local cluster)")
@@ -134,14 +137,15 @@ def main(argv=None) -> int:
         cmd += [str(SLURM_DIR / "sweep.sbatch"), str(Path(args.sweep).resolve())]
     else:
         cmd += [str(SLURM_DIR / "pretrain.sbatch"), args.config, *args.overrides]
-    env = {**os.environ, "RF_REPO": str(REPO), "RF_EXP": exp, "RF_RUNS": args.runs}
+    env = {**os.environ, "RF_REPO": str(REPO), "RF_EXP": exp, "RF_RUNS": args.runs, "RF_ENGINE": args.engine}
     if args.python:
         env["RF_PYTHON"] = args.python
     if args.max_restarts is not None:
         env["RF_MAX_RESTARTS"] = str(args.max_restarts)
     shown = " ".join(shlex.quote(c) for c in cmd)
     if args.dry_run:
-        print(f"RF_REPO={shlex.quote(str(REPO))} RF_EXP={shlex.quote(exp)} RF_RUNS={shlex.quote(args.runs)} {shown}")
+        print(f"RF_REPO={shlex.quote(str(REPO))} RF_EXP={shlex.quote(exp)} RF_RUNS={shlex.quote(args.runs)} "
+              f"RF_ENGINE={args.engine} {shown}")
         return 0
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -186,7 +186,9 @@ def _fmt(x: float) -> str:
     return f"{x:.4f}"
 
 
-def model_card(cfg, train_state: dict, hf_state, lambdas, remote: bool, dtype: str, source: Path) -> str:
+def model_card(cfg, train_state: dict, hf_state, lambdas, remote: bool, dtype: str, source: Path,
+               engine: Optional[str] = None) -> str:
+    """README.md of an HF folder. `engine`: the DeepSpeed trainer's layout (None: a Megatron export)."""
     m, p, o, t = cfg.model, cfg.parallel, cfg.optim, cfg.train
     variant = {"vanilla": "vanilla (Llama-style baseline)",
                "resformer": f"ResFormer, lambda_mode={m.lambda_mode}",
@@ -195,7 +197,8 @@ def model_card(cfg, train_state: dict, hf_state, lambdas, remote: bool, dtype: s
     lines = [
         f"# {cfg.name} ({m.variant})", "",
         "A value-residual GPT ([arXiv 2410.17897](https://arxiv.org/abs/2410.17897)) trained with rf-megatron "
-        "(Megatron-Core) and converted with `tools/convert_checkpoint_to_hf.py`.", "",
+        + ("(Megatron-Core) and converted with `tools/convert_checkpoint_to_hf.py`." if engine is None else
+           "(DeepSpeed, `pretrain/pretrain_hf_deepspeed.py`)."), "",
         f"- variant: {variant}",
         f"- parameters: {params:,} ({dtype})",
         f"- shape: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, "
@@ -218,9 +221,10 @@ def model_card(cfg, train_state: dict, hf_state, lambdas, remote: bool, dtype: s
         f"{m.seq_length} tokens), global batch {t.global_batch_size}, micro batch {t.micro_batch_size}",
         f"- optimizer: AdamW lr {o.lr} -> {o.min_lr} ({o.lr_decay_style}, {o.lr_warmup_steps} warmup steps), "
         f"betas ({o.adam_beta1}, {o.adam_beta2}), weight decay {o.weight_decay}, clip {o.clip_grad}",
-        f"- layout: TP{p.tensor_parallel} x PP{p.pipeline_parallel}"
-        + (f" x VPP{p.virtual_pipeline_parallel}" if p.virtual_pipeline_parallel else "")
-        + f", {p.params_dtype}" + (", distributed optimizer" if p.distributed_optimizer else ""),
+        (f"- layout: {engine}, {p.params_dtype}" if engine else
+         f"- layout: TP{p.tensor_parallel} x PP{p.pipeline_parallel}"
+         + (f" x VPP{p.virtual_pipeline_parallel}" if p.virtual_pipeline_parallel else "")
+         + f", {p.params_dtype}" + (", distributed optimizer" if p.distributed_optimizer else "")),
         f"- data: {', '.join(str(x) for x in cfg.data.paths) or '-'}; tokenizer {Path(str(cfg.data.tokenizer_model)).name}",
         f"- source checkpoint: `{source}`; the full run config is in `{RUN_CONFIG_COPY}`",
         "", "## Use", "", "```python",

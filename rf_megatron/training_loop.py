@@ -1,0 +1,115 @@
+"""The engine-independent part of training: the step loop, logging, evaluation cadence, checkpoint
+cadence and clean exits on signals / time limits.
+
+Both trainers (Megatron-Core: `rf_megatron.trainer`, DeepSpeed ZeRO: `rf_megatron.zero.trainer`)
+subclass `TrainingLoop`, so their JSONL metrics, console lines and stop/resume behaviour are the
+same and runs of the two engines compare line by line.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Dict, Tuple
+
+import torch.distributed as dist
+
+from .signals import ExitSignals
+
+
+class TrainingStopped(RuntimeError):
+    """A NaN/Inf under nan_policy=stop: a clear message instead of a corrupted run."""
+
+
+class TrainingLoop:
+    """Subclasses set `cfg`, `step`, `stream` (a MicrobatchStream), `metrics` (a MetricsLogger) and
+    `flops_per_token`, and implement the engine hooks below."""
+
+    # --- engine hooks ---------------------------------------------------------------------------
+    def train_step(self) -> Tuple[float, float, bool]:
+        """One optimizer step: (global mean loss, grad norm, whether the update was applied)."""
+        raise NotImplementedError
+
+    def evaluate(self) -> float:
+        raise NotImplementedError
+
+    def lambdas(self) -> Dict[str, float]:
+        """Per-layer lambdas of learnable variants (empty otherwise)."""
+        raise NotImplementedError
+
+    def save(self) -> None:
+        raise NotImplementedError
+
+    def current_lr(self) -> float:
+        raise NotImplementedError
+
+    def on_finished(self) -> None:
+        """After the last step's evaluation and checkpoint."""
+
+    # --- shared -----------------------------------------------------------------------------------
+    def _print(self, msg: str) -> None:
+        if dist.get_rank() == 0:
+            print(msg, flush=True)
+
+    def check_finite(self, what: str, value: float) -> None:
+        if not math.isfinite(value) and self.cfg.train.nan_policy == "stop":
+            raise TrainingStopped(f"{what} is {value} at step {self.step + 1}: stopping "
+                                  "(train.nan_policy=skip skips such steps instead)")
+
+    def train(self) -> Dict[str, float]:
+        t, ckpt = self.cfg.train, self.cfg.checkpoint
+        signals = ExitSignals(max_minutes=t.exit_duration_mins) if t.exit_on_signal or t.exit_duration_mins else None
+        tokens_per_step = t.global_batch_size * self.cfg.model.seq_length
+        window_loss, window_steps, window_start = 0.0, 0, time.time()
+        result = {}
+        try:
+            while self.step < t.train_steps:
+                loss, grad_norm, _ = self.train_step()
+                self.step += 1
+                if math.isfinite(loss):
+                    window_loss, window_steps = window_loss + loss, window_steps + 1
+                if self.step % t.log_interval == 0 or self.step == t.train_steps:
+                    self._log_train(loss, grad_norm, window_loss / max(window_steps, 1), window_steps,
+                                    time.time() - window_start, tokens_per_step)
+                    window_loss, window_steps, window_start = 0.0, 0, time.time()
+                if t.lambda_log_interval and self.step % t.lambda_log_interval == 0:
+                    lambdas = self.lambdas()
+                    if lambdas:
+                        self.metrics.log(self.step, lambdas)
+                if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.train_steps:
+                    self._log_eval()
+                if ckpt.save_interval and self.step % ckpt.save_interval == 0:
+                    self.save()
+                reason = signals.should_exit() if signals else ""
+                if not reason and t.exit_interval and self.step % t.exit_interval == 0:
+                    reason = f"exit_interval={t.exit_interval}"
+                if reason and self.step < t.train_steps:
+                    self._print(f"{reason}: saving at step {self.step} and exiting")
+                    self.save()
+                    return {"step": self.step, "stopped": reason}
+            result["valid_loss"] = self._log_eval()
+            self.save()
+            self.on_finished()
+            result["step"] = self.step
+            return result
+        finally:
+            if signals:
+                signals.restore()
+            self.metrics.close()
+
+    def _log_train(self, loss, grad_norm, mean_loss, steps, seconds, tokens_per_step):
+        tokens_per_s = steps * tokens_per_step / max(seconds, 1e-9)
+        tflops = tokens_per_s * self.flops_per_token / dist.get_world_size() / 1e12
+        lr = self.current_lr()
+        metrics = {"loss": mean_loss, "last_loss": loss, "lr": lr, "grad_norm": grad_norm,
+                   "tokens_per_s": tokens_per_s, "tflops_per_device": tflops,
+                   "mfu": tflops / self.cfg.logging.peak_tflops, "consumed_samples": self.stream.consumed_samples}
+        self.metrics.log(self.step, metrics, console=(
+            f"step {self.step:>6}/{self.cfg.train.train_steps} | loss {mean_loss:.4f} | lr {lr:.3e} | "
+            f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | {tflops:.3f} TFLOP/s/device | "
+            f"MFU {100 * metrics['mfu']:.2f}%"))
+
+    def _log_eval(self) -> float:
+        loss = self.evaluate()
+        self.metrics.log(self.step, {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50))},
+                         console=f"step {self.step:>6} | validation loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f}")
+        return loss

@@ -1,0 +1,118 @@
+"""The model DeepSpeed trains: the very classes the Hugging Face export ships (LlamaForCausalLM for
+vanilla, `rf_megatron.hf.modeling_rfgpt.RFGPTForCausalLM` for ResFormer / SVFormer), built fresh
+from a model config or loaded from an HF folder, and written back as an HF folder at the end.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from ..config import ConfigError, ModelConfig
+from ..hf.export import RUN_CONFIG_COPY, TRAIN_STATE_COPY, _fresh_tmp, build_hf_config, model_card, publish, write_model_files
+from ..hf.weights import ConversionError, lambda_table, model_config_from_hf, uses_remote_code
+
+
+def model_class(model: ModelConfig):
+    if uses_remote_code(model):
+        from ..hf.modeling_rfgpt import RFGPTForCausalLM
+
+        return RFGPTForCausalLM
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM
+
+
+def build_fresh(model: ModelConfig, seed: int):
+    """A newly initialised model (HF's init: normal(0, model.init_method_std), norms 1, lambdas 0.5)."""
+    torch.manual_seed(seed)
+    return model_class(model)(build_hf_config(model, {}, "fp32")).float()
+
+
+def read_folder_config(folder) -> ModelConfig:
+    """The model config of an HF folder, or one line saying why it is not a model this trainer knows."""
+    folder = Path(folder)
+    config_json = folder / "config.json"
+    if not config_json.is_file():
+        raise ConfigError(f"deepspeed.init_from_hf={folder}: no config.json (not a Hugging Face model folder)")
+    try:
+        config = json.loads(config_json.read_text())
+        if config.get("model_type") == "rfgpt" and "modeling_rfgpt" not in json.dumps(config.get("auto_map", {})):
+            raise ConversionError("model_type=rfgpt without rf-megatron's modeling_rfgpt in auto_map")
+        return model_config_from_hf(config)
+    except (ConversionError, KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"deepspeed.init_from_hf={folder} is not an rf-megatron / Llama model: {exc}") from None
+
+
+def load_folder(folder, model: ModelConfig):
+    """Weights of an HF folder into our class; every tensor must match (no silent re-initialisation)."""
+    from transformers.utils import logging as hf_logging
+
+    cls = model_class(model)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would repeat, per rank, what we check below
+    hf_logging.disable_progress_bar()
+    try:
+        loaded, info = cls.from_pretrained(str(folder), config=build_hf_config(model, {}, "fp32"),
+                                           dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"deepspeed.init_from_hf={folder}: cannot load the weights ({str(exc).splitlines()[0]})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    problems = [f"{what}: {', '.join(sorted(info[key])[:4])}" for key, what in
+                (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "wrong shape"))
+                if info.get(key)]
+    if problems:
+        raise ConfigError(f"deepspeed.init_from_hf={folder}: weights do not match the model in its config.json "
+                          f"({'; '.join(problems)})")
+    return loaded
+
+
+def param_groups(module: torch.nn.Module) -> List[dict]:
+    """Megatron's rule: no weight decay on 1-D parameters (norms, lambdas) and biases (wd_mult 0)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
+
+
+def hf_state(module: torch.nn.Module, model: ModelConfig) -> Dict[str, torch.Tensor]:
+    """The HF tensors to save (the tied lm_head is the embedding and is not saved twice)."""
+    state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    if not model.untie_embeddings_and_output_weights:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def save_folder(state: Dict[str, torch.Tensor], cfg, output, train_state: dict, source: str,
+                max_shard_bytes: int = 5 * 1024 ** 3) -> Path:
+    """An HF folder like the exporter's (weights, code, tokenizer, model card, run config), written
+    next to `output` and renamed into place (replacing an older one)."""
+    from ..hf.tokenizer import save_hf_tokenizer
+    from ..run_config import save_yaml
+
+    output = Path(output).resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    dtype = "bf16" if cfg.parallel.params_dtype == "bf16" else "fp32"
+    tmp = _fresh_tmp(output)
+    try:
+        _, special = save_hf_tokenizer(cfg.data.tokenizer_model, tmp, model_max_length=cfg.model.seq_length)
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        state = {k: v.to(dtypes[dtype]) for k, v in state.items()}
+        write_model_files(tmp, state, cfg.model, special, dtype, max_shard_bytes)
+        save_yaml(cfg, tmp / RUN_CONFIG_COPY)
+        (tmp / TRAIN_STATE_COPY).write_text(json.dumps(train_state))
+        card = model_card(cfg, train_state, state, lambda_table(state, cfg.model), uses_remote_code(cfg.model),
+                          dtype, source, engine=f"DeepSpeed ZeRO-{train_state['zero_stage']}, "
+                                                f"{train_state['world_size']} process(es)")
+        (tmp / "README.md").write_text(card)
+        publish(tmp, output, force=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output

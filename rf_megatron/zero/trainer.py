@@ -1,0 +1,282 @@
+"""Training the Hugging Face-format model with DeepSpeed ZeRO (stage 0-3), data parallel over every
+process, on the same data, schedule and metrics as the Megatron trainer.
+
+What is shared with `rf_megatron.trainer` (so that a run of each engine is comparable):
+the run config, the GPTDataset samples and their order (`MicrobatchStream`: global batch k is
+samples [k*G, (k+1)*G)), the loss (token mean per microbatch, averaged over microbatches and
+ranks), AdamW with Megatron's weight-decay grouping, Megatron's LR schedule object, gradient
+clipping, the step loop, JSONL/wandb/TensorBoard metrics and the stop/resume behaviour.
+
+Checkpoints are DeepSpeed's own (`engine.save_checkpoint`, ZeRO-partitioned optimizer state) under
+checkpoint.dir/iter_NNNNNNN, plus train_state.json and run_config.yaml; `latest` is rewritten only
+once every rank has finished writing, so a crash mid-save resumes from the previous checkpoint.
+The LR schedule is a function of the step and optim.*, recomputed on resume.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Dict
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+
+from ..config import ConfigError
+from ..hf.weights import uses_remote_code
+from ..run_config import RunConfig, save_yaml, to_dict
+from ..training_loop import TrainingLoop
+from . import ds_config
+from .hf_model import build_fresh, hf_state, load_folder, param_groups, read_folder_config, save_folder
+
+
+def prepare_config(cfg: RunConfig, world_size: int) -> None:
+    """Validate `cfg` for DeepSpeed (data parallel only: `parallel`'s TP/PP/CP are Megatron's and not
+    used) and take the model from `deepspeed.init_from_hf` when given (the data's seq_length stays)."""
+    if cfg.deepspeed.init_from_hf:
+        model = read_folder_config(cfg.deepspeed.init_from_hf)
+        model.seq_length = cfg.model.seq_length
+        cfg.model = model
+    if cfg.train.nan_policy != "stop":
+        raise ConfigError("train.nan_policy=skip is not supported by the DeepSpeed trainer (use stop)")
+    if cfg.parallel.fp8 or cfg.parallel.transformer_impl != "local":
+        raise ConfigError("parallel.fp8 / transformer_impl are Megatron (Transformer Engine) options; "
+                          "the DeepSpeed trainer runs the HF model code: unset them")
+    data_parallel = dataclasses.replace(cfg.parallel, tensor_parallel=1, pipeline_parallel=1,
+                                        virtual_pipeline_parallel=None, context_parallel=1, sequence_parallel=False,
+                                        recompute_granularity=None)
+    RunConfig(**{**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
+                 "parallel": data_parallel}).validate(world_size)
+
+
+def _init_distributed(cuda: bool) -> None:
+    """torchrun / the `deepspeed` launcher / slurm/task.sh (srun) all provide RANK, WORLD_SIZE,
+    MASTER_ADDR and MASTER_PORT; a single process without them runs alone."""
+    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, default)
+    if "MASTER_PORT" not in os.environ:
+        if os.environ["WORLD_SIZE"] != "1":
+            raise ConfigError("MASTER_PORT is not set: launch with torchrun, deepspeed or slurm/pretrain.sbatch")
+        from ..hf.import_hf import _free_port
+
+        os.environ["MASTER_PORT"] = str(_free_port())
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+
+
+class DeepSpeedTrainer(TrainingLoop):
+    def __init__(self, cfg: RunConfig):
+        from ..data import MicrobatchStream, build_datasets, check_data
+        from ..flops import parameter_counts, training_flops_per_token
+        from ..metrics import MetricsLogger
+        from ..tokenizer import SentencePieceTokenizer, TokenizerError
+
+        self.cfg = cfg
+        self.cuda = torch.cuda.is_available()
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        prepare_config(cfg, world)
+        self.ds_config = ds_config.resolve(cfg, world, self.cuda)
+        self.stage = self.ds_config["zero_optimization"]["stage"]
+        counts = parameter_counts(cfg.model)
+        ds_config.check_fits(counts.total, self.ds_config, world, self.cuda)
+        try:
+            self.tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
+        except TokenizerError as exc:
+            raise ConfigError(str(exc)) from None
+        check_data(cfg.data.paths, cfg.model.vocab_size, self.tokenizer)
+        resume_from = self._checkpoint_to_resume(world)
+
+        t, o = cfg.train, cfg.optim
+        if cfg.deepspeed.init_from_hf and resume_from is None:
+            module = load_folder(cfg.deepspeed.init_from_hf, cfg.model)
+        else:
+            module = build_fresh(cfg.model, t.seed)
+
+        _init_distributed(self.cuda)
+        import deepspeed
+        from deepspeed.utils import logger as ds_logger
+
+        from ..build import build_scheduler
+
+        ds_logger.setLevel("WARNING")  # its INFO lines repeat per rank; our console line says what matters
+        optimizer = torch.optim.AdamW(param_groups(module), lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
+                                      eps=o.adam_eps, weight_decay=o.weight_decay)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                                                 config=self.ds_config)
+        self.scheduler = build_scheduler(self.optimizer, o, t.train_steps)
+        evals = t.train_steps // t.eval_interval + 2 if t.eval_interval else 2
+        self.train_ds, self.valid_ds, _ = build_datasets(
+            cfg.data.paths, cfg.data.split, cfg.model.seq_length, self.tokenizer, t.seed,
+            [t.train_steps * t.global_batch_size, evals * t.eval_steps * t.global_batch_size, 0],
+            cfg.data.cache_dir)
+        if self.train_ds is None:
+            raise ConfigError(f"data.split={cfg.data.split!r} leaves no training data")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.step, consumed, self._saved_step = 0, 0, None
+        if resume_from is not None:
+            self.step, consumed = self._load(resume_from)
+            self._saved_step = self.step
+            self._print(f"resumed from {resume_from} at step {self.step} ({consumed} samples consumed)")
+        self.stream = MicrobatchStream(self.train_ds, t.global_batch_size, t.micro_batch_size, consumed,
+                                       dp_rank=self.rank, dp_size=self.world)
+        if self.rank == 0:
+            save_yaml(cfg, os.path.join(cfg.logging.dir, "config.yaml"))
+        self.metrics = MetricsLogger(cfg.logging.dir, cfg.name, to_dict(cfg), self.rank == 0,
+                                     cfg.logging.wandb_project, cfg.logging.tensorboard)
+        self.flops_per_token = training_flops_per_token(cfg.model)
+        if cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel > 1:
+            self._print(f"note: parallel.* (TP{cfg.parallel.tensor_parallel} x PP{cfg.parallel.pipeline_parallel}) "
+                        "is the Megatron trainer's layout; DeepSpeed is data parallel over all processes")
+        self._print(f"{cfg.name}: {cfg.model.variant} ({cfg.model.lambda_mode if cfg.model.variant == 'resformer' else '-'}), "
+                    f"{counts.total / 1e6:.2f}M params, DeepSpeed ZeRO-{self.stage} on {self.world} process(es) "
+                    f"({'cuda' if self.cuda else 'cpu'}, {'bf16' if self.ds_config['bf16']['enabled'] else 'fp32'}), "
+                    f"{self.ds_config['gradient_accumulation_steps']} microbatches/step"
+                    + (f", from {cfg.deepspeed.init_from_hf}" if cfg.deepspeed.init_from_hf and resume_from is None else ""))
+
+    # --- the step ---------------------------------------------------------------------------------
+    def _loss_terms(self, batch):
+        """(sum of token losses, token count) of one microbatch."""
+        tokens = batch["tokens"].to(self.engine.device)
+        logits = self.engine(input_ids=tokens, position_ids=batch["position_ids"].to(self.engine.device),
+                             use_cache=False).logits
+        losses = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].to(logits.device).flatten(),
+                                 reduction="none")
+        mask = batch["loss_mask"].to(logits.device).flatten().float()
+        return (losses * mask).sum(), mask.sum().clamp(min=1)
+
+    def train_step(self):
+        stats = torch.zeros(2, dtype=torch.float64)
+        for batch in self.stream.next_global_batch():
+            total, count = self._loss_terms(batch)
+            self.engine.backward(total / count)  # DeepSpeed divides by the accumulation steps
+            self.engine.step()  # updates at the accumulation boundary only
+            stats += torch.stack([total.detach().double().cpu(), count.detach().double().cpu()])
+        dist.all_reduce(stats)
+        loss = (stats[0] / stats[1]).item()
+        self.check_finite("loss", loss)
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        self.check_finite("grad norm", grad_norm)
+        self.scheduler.step(increment=1)
+        return loss, grad_norm, True
+
+    def evaluate(self) -> float:
+        from ..data import MicrobatchStream
+
+        t = self.cfg.train
+        stream = MicrobatchStream(self.valid_ds, t.global_batch_size, t.micro_batch_size, dp_rank=self.rank,
+                                  dp_size=self.world)
+        stats = torch.zeros(2, dtype=torch.float64)
+        self.engine.eval()
+        with torch.no_grad():
+            for _ in range(t.eval_steps):
+                for batch in stream.next_global_batch():
+                    total, count = self._loss_terms(batch)
+                    stats += torch.stack([total.double().cpu(), count.double().cpu()])
+        self.engine.train()
+        dist.all_reduce(stats)
+        return (stats[0] / stats[1]).item()
+
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _full_parameters(self):
+        """The module's full weights on every rank (ZeRO-3 partitions them; 0-2 keep them whole)."""
+        import contextlib
+
+        if self.stage < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+
+    def lambdas(self) -> Dict[str, float]:
+        if self.cfg.model.variant != "resformer" or self.cfg.model.lambda_mode not in ("learnable", "learnable_plus"):
+            return {}
+        from ..hf.weights import lambda_table
+
+        with self._full_parameters():
+            state = hf_state(self.engine.module, self.cfg.model)
+        out = {}
+        for layer, (l1, l2) in sorted(lambda_table(state, self.cfg.model).items()):
+            out[f"lambda1/layer{layer}"], out[f"lambda2/layer{layer}"] = float(l1), float(l2)
+        return out
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def _train_state(self) -> dict:
+        return {"engine": "deepspeed", "step": self.step, "consumed_samples": self.stream.consumed_samples,
+                "zero_stage": self.stage, "world_size": self.world}
+
+    def _checkpoint_to_resume(self, world: int):
+        from ..checkpointing import CheckpointError, latest_checkpoint
+
+        ckpt = self.cfg.checkpoint
+        if not (ckpt.dir and ckpt.resume):
+            return None
+        try:
+            path = latest_checkpoint(ckpt.dir)
+        except CheckpointError as exc:
+            raise ConfigError(str(exc)) from None
+        if path is None:
+            return None
+        saved = json.loads((path / "train_state.json").read_text())
+        if saved.get("engine", "megatron") != "deepspeed":
+            raise ConfigError(f"{path} is a Megatron checkpoint: export it (tools/convert_checkpoint_to_hf.py) and "
+                              "start from the folder with deepspeed.init_from_hf, or point checkpoint.dir elsewhere")
+        for key, now in (("zero_stage", self.stage), ("world_size", world)):
+            if saved[key] != now:
+                raise ConfigError(f"{path} was saved with {key}={saved[key]}, this run has {now}: ZeRO's partitioned "
+                                  f"optimizer state needs the same (or convert it with DeepSpeed's ds_to_universal.py)")
+        return path
+
+    def _load(self, path: Path):
+        load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        if load_path is None:
+            raise ConfigError(f"{path}: DeepSpeed found no checkpoint files there")
+        state = json.loads((path / "train_state.json").read_text())
+        self.scheduler.step(increment=state["step"])
+        return state["step"], state["consumed_samples"]
+
+    def save(self) -> None:
+        from ..checkpointing import commit
+
+        ckpt = self.cfg.checkpoint
+        if not ckpt.dir or self._saved_step == self.step:
+            return
+        self._saved_step = self.step
+        root, tag = Path(ckpt.dir), f"iter_{self.step:07d}"
+        if self.rank == 0 and (root / tag).exists():
+            shutil.rmtree(root / tag)  # left by a save that never completed
+        dist.barrier()
+        self.engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
+        dist.barrier()
+        if self.rank == 0:
+            (root / tag / "run_config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+            (root / tag / "train_state.json").write_text(json.dumps(self._train_state()))
+            commit(root, tag, ckpt.keep_last)
+        dist.barrier()
+        self._print(f"saved checkpoint {root / tag}")
+
+    def on_finished(self) -> None:
+        """The final weights as an HF folder (like tools/convert_checkpoint_to_hf.py writes)."""
+        output = self.cfg.deepspeed.hf_output or os.path.join(self.cfg.logging.dir, "hf")
+        with self._full_parameters():
+            state = hf_state(self.engine.module, self.cfg.model) if self.rank == 0 else None
+        if self.rank == 0:
+            source = str(self.cfg.checkpoint.dir or self.cfg.logging.dir)
+            save_folder(state, self.cfg, output, self._train_state(), source)
+            self._print(f"wrote {Path(output).resolve()} (load with AutoModelForCausalLM.from_pretrained"
+                        f"{', trust_remote_code=True' if uses_remote_code(self.cfg.model) else ''})")
+        dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
