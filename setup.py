@@ -24,8 +24,10 @@ setup(
         "logging": ["wandb", "tensorboard"],
         "hf": ["transformers>=5,<6", "safetensors", "protobuf"],
         "scaling": ["scipy", "pandas", "matplotlib", "pyarrow"],
+        # pretrain/pretrain_hf_deepspeed.py (tested with 0.19.8; CPU accelerator + gloo, or CUDA + NCCL)
+        "deepspeed": ["deepspeed>=0.16", "transformers>=5,<6", "safetensors", "protobuf"],
         "dev": ["pytest>=8", "pytest-timeout", "wandb", "transformers>=5,<6", "safetensors", "scipy", "pandas",
-                "matplotlib", "pyarrow"],
+                "matplotlib", "pyarrow", "deepspeed>=0.16"],
         "gpu": ["transformer-engine[pytorch]"],
     },
 )

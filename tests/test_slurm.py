@@ -1,7 +1,7 @@
 """slurm/ job scripts against a REAL SLURM: slurmctld plus two emulated compute nodes (two slurmd)
 on this machine, started by slurm/local-cluster/start.sh (which apt-installs SLURM if needed).
 
-Jobs train the tiny model for real: a 2-node x 2-task TP2 x DP2 job; a job that gets SLURM's
+Jobs train the tiny model for real: a 2-node x 2-task TP2 x DP2 job; the DeepSpeed engine's job; a job that gets SLURM's
 time-limit warning (--signal=B:USR1@T), checkpoints, requeues itself and resumes to the same losses
 as an uninterrupted job; a throttled array sweep; a crash loop stopped by the max-restarts guard;
 and the one-line pre-flight errors.
@@ -185,6 +185,29 @@ def test_two_nodes_tp2_dp2(cluster, data, tmp_path):
     assert sorted(losses) == list(range(1, 13)) and len(valid) == 1
     assert losses[12] < losses[1] - 0.5
     assert (tmp_path / "tp2dp2" / "checkpoints" / "latest").read_text() == "iter_0000012"
+
+
+def test_deepspeed_engine_on_two_nodes_requeues_resumes_and_writes_hf(cluster, data, tmp_path):
+    """RF_ENGINE=deepspeed (submit.py --engine): the HF model with ZeRO-2 on 2 nodes x 1 srun task; the
+    run stops cleanly at step 4 (train.exit_interval), the job requeues itself and resumes to the end."""
+    proc = subprocess.run([sys.executable, str(SLURM / "submit.py"), "--engine", "deepspeed", "--nodes", "2",
+                           "--ntasks-per-node", "1", "--time", "10", "--exp", "ds", "--runs", str(tmp_path),
+                           "--python", sys.executable, "tiny_cpu", *overrides(data, steps=8),
+                           "train.exit_interval=4", "deepspeed.config=zero2"],
+                          env=job_env(tmp_path), cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip()
+    (rec,) = wait_jobs(job)
+    assert_completed(rec)
+    log = log_text(rec)
+    assert rec["NodeList"] == "n[1-2]" and rec["Restarts"] == "1", f"{rec}\n{log[-3000:]}"
+    assert "DeepSpeed ZeRO-2 on 2 process(es) (cpu, fp32)" in log, log[-3000:]
+    assert "requeueing (restart 1 of at most 10); the next run resumes from step 4" in log
+    assert re.search(r"resumed from \S+iter_0000004 at step 4\b", log), log[-3000:]
+    losses, valid = metrics(tmp_path / "ds")
+    assert sorted(losses) == list(range(1, 9)) and len(valid) == 1
+    assert (tmp_path / "ds" / "checkpoints" / "latest").read_text() == "iter_0000008"
+    assert json.loads((tmp_path / "ds" / "hf" / "config.json").read_text())["variant"] == "resformer"
 
 
 def test_time_limit_checkpoints_requeues_and_resumes_exactly(cluster, data, tmp_path):
