@@ -54,6 +54,31 @@ def build_datasets(paths: List[str], split: str, seq_length: int, tokenizer, see
     return BlendedMegatronDatasetBuilder(GPTDataset, num_samples, lambda: True, config).build()
 
 
+def load_tokenizer(cfg):
+    """The run's SentencePiece tokenizer, with the data checked against it (a ConfigError if not)."""
+    from .tokenizer import SentencePieceTokenizer, TokenizerError
+
+    try:
+        tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
+    except TokenizerError as exc:
+        raise ConfigError(str(exc)) from None
+    check_data(cfg.data.paths, cfg.model.vocab_size, tokenizer)
+    return tokenizer
+
+
+def build_train_valid(cfg, tokenizer):
+    """(train, valid) GPTDatasets sized for the whole run (every evaluation included); the same
+    samples in the same order for both trainers."""
+    t = cfg.train
+    evals = t.train_steps // t.eval_interval + 2 if t.eval_interval else 2
+    train, valid, _ = build_datasets(
+        cfg.data.paths, cfg.data.split, cfg.model.seq_length, tokenizer, t.seed,
+        [t.train_steps * t.global_batch_size, evals * t.eval_steps * t.global_batch_size, 0], cfg.data.cache_dir)
+    if train is None:
+        raise ConfigError(f"data.split={cfg.data.split!r} leaves no training data")
+    return train, valid
+
+
 def causal_mask(seq_length: int) -> torch.Tensor:
     return torch.ones(1, 1, seq_length, seq_length, dtype=torch.bool).triu(1)
 

@@ -17,7 +17,7 @@ from .build import build_model, build_optimizer, build_scheduler, init_parallel
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError
 from .cpu_mode import maybe_enable_cpu_mode_from_env
-from .data import MicrobatchStream, build_datasets, check_data, chunk_iterators
+from .data import MicrobatchStream, build_train_valid, chunk_iterators, load_tokenizer
 from .flops import parameter_counts, training_flops_per_token
 from .metrics import MetricsLogger
 from .model import unwrap
@@ -59,13 +59,7 @@ class Trainer(TrainingLoop):
         self.cpu = maybe_enable_cpu_mode_from_env()
         world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg.validate(world)  # before any process group exists
-        from .tokenizer import SentencePieceTokenizer, TokenizerError
-
-        try:
-            self.tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
-        except TokenizerError as exc:
-            raise ConfigError(str(exc)) from None
-        check_data(cfg.data.paths, cfg.model.vocab_size, self.tokenizer)
+        self.tokenizer = load_tokenizer(cfg)
         init_parallel(cfg.parallel, seed=cfg.train.seed)
         distopt_fixes.apply_if_needed()
         from megatron.core import parallel_state as ps
@@ -76,13 +70,7 @@ class Trainer(TrainingLoop):
         self.optimizer = build_optimizer(self.model, cfg.optim, cfg.parallel)
         t = cfg.train
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.train_steps)
-        evals = t.train_steps // t.eval_interval + 2 if t.eval_interval else 2
-        self.train_ds, self.valid_ds, _ = build_datasets(
-            cfg.data.paths, cfg.data.split, cfg.model.seq_length, self.tokenizer, t.seed,
-            [t.train_steps * t.global_batch_size, evals * t.eval_steps * t.global_batch_size, 0],
-            cfg.data.cache_dir)
-        if self.train_ds is None:
-            raise ConfigError(f"data.split={cfg.data.split!r} leaves no training data")
+        self.train_ds, self.valid_ds = build_train_valid(cfg, self.tokenizer)
         self.step, consumed = 0, 0
         self._saved_step = None  # the step whose checkpoint exists already (no double saves)
         self.writer = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0

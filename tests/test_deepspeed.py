@@ -114,8 +114,25 @@ def test_zero2_on_two_processes_follows_the_megatron_loss_curve(variant, data, i
     for step in norms_m:
         assert norms_d[step] == pytest.approx(norms_m[step], rel=1e-3)
     assert curve(tmp_path, "lr") == pytest.approx(curve(megatron_runs[variant], "lr"), rel=1e-9)
+    keys = [sorted(r) for r in rows(megatron_runs[variant])]
+    assert [sorted(r) for r in rows(tmp_path)] == keys  # the same JSONL rows, metric for metric
     (valid_m,), (valid_d,) = curve(megatron_runs[variant], "valid_loss").values(), curve(tmp_path, "valid_loss").values()
     assert valid_d == pytest.approx(valid_m, rel=1e-4)
+
+
+def test_deepspeed_launcher_zero1_from_a_preset(data, tmp_path):
+    """The `deepspeed` launcher (it passes --local_rank), ZeRO-1, a fresh model from the preset."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           str(DS), "--config", "tiny_cpu", "--deepspeed", "zero1",
+           *overrides(data, tmp_path, **{"train.train_steps": 3, "model.variant": "vanilla"})]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "DeepSpeed ZeRO-1 on 2 process(es) (cpu, fp32)" in proc.stdout
+    assert sorted(curve(tmp_path)) == [1, 2, 3]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]  # vanilla is a plain Llama, no remote code
+    assert not (tmp_path / "hf" / "modeling_rfgpt.py").exists()
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -164,7 +181,7 @@ def test_megatron_export_finetune_export_loads_with_automodel(data, megatron_run
     assert first < curve(megatron_runs["learnable"])[1] - 0.2  # continues from the trained model
     model = AutoModelForCausalLM.from_pretrained(str(tuned), trust_remote_code=True).eval()
     assert type(model).__name__ == "RFGPTForCausalLM" and model.config.lambda_mode == "learnable"
-    tok = AutoTokenizer.from_pretrained(str(tuned))
+    tok = AutoTokenizer.from_pretrained(str(tuned), trust_remote_code=True)
     prompt = tok("the king spoke to the", return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)

@@ -230,7 +230,7 @@ def model_card(cfg, train_state: dict, hf_state, lambdas, remote: bool, dtype: s
         "", "## Use", "", "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        "tok = AutoTokenizer.from_pretrained(path)",
+        "tok = AutoTokenizer.from_pretrained(path" + (", trust_remote_code=True)" if remote else ")"),
         "model = AutoModelForCausalLM.from_pretrained(path" + (", trust_remote_code=True)" if remote else ")"),
         "out = model.generate(**tok(\"the king\", return_tensors=\"pt\"), max_new_tokens=32, do_sample=False)",
         "print(tok.decode(out[0]))", "```", "",

@@ -97,7 +97,8 @@ def device_memory_bytes(cuda: bool) -> float:
         return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
     import psutil
 
-    return psutil.virtual_memory().available / max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    per_node = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or "1"
+    return psutil.virtual_memory().available / max(int(per_node.split("(")[0]), 1)
 
 
 def check_fits(params: int, conf: Dict[str, Any], world_size: int, cuda: bool) -> None:

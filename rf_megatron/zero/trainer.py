@@ -11,6 +11,9 @@ Checkpoints are DeepSpeed's own (`engine.save_checkpoint`, ZeRO-partitioned opti
 checkpoint.dir/iter_NNNNNNN, plus train_state.json and run_config.yaml; `latest` is rewritten only
 once every rank has finished writing, so a crash mid-save resumes from the previous checkpoint.
 The LR schedule is a function of the step and optim.*, recomputed on resume.
+
+Every rank builds (or loads) the whole model in host memory before ZeRO partitions it, which is
+fine up to a few billion parameters per node; larger models would need `deepspeed.zero.Init`.
 """
 from __future__ import annotations
 
@@ -72,10 +75,9 @@ def _init_distributed(cuda: bool) -> None:
 
 class DeepSpeedTrainer(TrainingLoop):
     def __init__(self, cfg: RunConfig):
-        from ..data import MicrobatchStream, build_datasets, check_data
+        from ..data import MicrobatchStream, build_train_valid, load_tokenizer
         from ..flops import parameter_counts, training_flops_per_token
         from ..metrics import MetricsLogger
-        from ..tokenizer import SentencePieceTokenizer, TokenizerError
 
         self.cfg = cfg
         self.cuda = torch.cuda.is_available()
@@ -85,11 +87,7 @@ class DeepSpeedTrainer(TrainingLoop):
         self.stage = self.ds_config["zero_optimization"]["stage"]
         counts = parameter_counts(cfg.model)
         ds_config.check_fits(counts.total, self.ds_config, world, self.cuda)
-        try:
-            self.tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
-        except TokenizerError as exc:
-            raise ConfigError(str(exc)) from None
-        check_data(cfg.data.paths, cfg.model.vocab_size, self.tokenizer)
+        self.tokenizer = load_tokenizer(cfg)
         resume_from = self._checkpoint_to_resume(world)
 
         t, o = cfg.train, cfg.optim
@@ -110,13 +108,7 @@ class DeepSpeedTrainer(TrainingLoop):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                                                  config=self.ds_config)
         self.scheduler = build_scheduler(self.optimizer, o, t.train_steps)
-        evals = t.train_steps // t.eval_interval + 2 if t.eval_interval else 2
-        self.train_ds, self.valid_ds, _ = build_datasets(
-            cfg.data.paths, cfg.data.split, cfg.model.seq_length, self.tokenizer, t.seed,
-            [t.train_steps * t.global_batch_size, evals * t.eval_steps * t.global_batch_size, 0],
-            cfg.data.cache_dir)
-        if self.train_ds is None:
-            raise ConfigError(f"data.split={cfg.data.split!r} leaves no training data")
+        self.train_ds, self.valid_ds = build_train_valid(cfg, self.tokenizer)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.step, consumed, self._saved_step = 0, 0, None
         if resume_from is not None:
