@@ -21,8 +21,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rf_megatron.config import ConfigError  # noqa: E402
 from rf_megatron.run_config import load_run_config  # noqa: E402
+from rf_megatron.training_loop import run_entry_point  # noqa: E402
 
 
 def parse_args(argv):
@@ -45,26 +45,14 @@ def main(argv=None) -> int:
     from rf_megatron.hf.cli import quiet
 
     quiet()
-    try:
-        cfg = load_run_config(args.config, overrides)
+
+    def build():
+        cfg = load_run_config(args.config, overrides)  # config errors come before the slow imports
         from rf_megatron.zero.trainer import DeepSpeedTrainer
 
-        trainer = DeepSpeedTrainer(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        result = trainer.train()
-    except BaseException:
-        import traceback
+        return DeepSpeedTrainer(cfg)
 
-        traceback.print_exc()  # then exit at once: other ranks may wait in a collective (see pretrain_resformer.py)
-        sys.stderr.flush()
-        os._exit(1)
-    trainer.close()
-    if "stopped" in result and int(os.environ.get("RANK", "0")) == 0:
-        print(f"stopped at step {result['step']} ({result['stopped']}); rerun the same command to resume", flush=True)
-    return 0
+    return run_entry_point(build)
 
 
 if __name__ == "__main__":

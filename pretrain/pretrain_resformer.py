@@ -12,8 +12,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rf_megatron.config import ConfigError  # noqa: E402
 from rf_megatron.run_config import load_run_config  # noqa: E402
+from rf_megatron.training_loop import run_entry_point  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -21,28 +21,14 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="tiny_cpu", help="preset name or YAML path")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_run_config(args.config, args.overrides)
+
+    def build():
+        cfg = load_run_config(args.config, args.overrides)  # config errors come before the slow imports
         from rf_megatron.trainer import Trainer
 
-        trainer = Trainer(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        result = trainer.train()
-    except BaseException:
-        # Report now: the other ranks may be blocked in a collective that this rank left, and a
-        # clean shutdown (a barrier) would hang; the launcher tears the job down on our exit code.
-        import traceback
+        return Trainer(cfg)
 
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    trainer.close()
-    if "stopped" in result and int(os.environ.get("RANK", "0")) == 0:
-        print(f"stopped at step {result['step']} ({result['stopped']}); rerun the same command to resume", flush=True)
-    return 0
+    return run_entry_point(build)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ same and runs of the two engines compare line by line.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
-from typing import Dict, Tuple
+from typing import Callable, Dict, Tuple
 
 import torch.distributed as dist
 
@@ -113,3 +115,29 @@ class TrainingLoop:
         self.metrics.log(self.step, {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50))},
                          console=f"step {self.step:>6} | validation loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f}")
         return loss
+
+
+def run_entry_point(build: Callable[[], "TrainingLoop"]) -> int:
+    """What both pretrain/ scripts do: build the trainer (a ConfigError -> one `error:` line, exit 2),
+    train, shut down; say how to resume when the run stopped early."""
+    from .config import ConfigError
+
+    try:
+        trainer = build()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = trainer.train()
+    except BaseException:
+        # Report now: the other ranks may be blocked in a collective that this rank left, and a
+        # clean shutdown (a barrier) would hang; the launcher tears the job down on our exit code.
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    trainer.close()
+    if "stopped" in result and int(os.environ.get("RANK", "0")) == 0:
+        print(f"stopped at step {result['step']} ({result['stopped']}); rerun the same command to resume", flush=True)
+    return 0
