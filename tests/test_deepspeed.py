@@ -106,18 +106,18 @@ def test_zero2_on_two_processes_follows_the_megatron_loss_curve(variant, data, i
     assert sorted(deepspeed) == list(range(1, STEPS + 1)) == sorted(megatron)
     assert abs(deepspeed[1] - megatron[1]) < 1e-5  # same weights, same first batch
     for step in megatron:
-        assert deepspeed[step] == pytest.approx(megatron[step], rel=1e-4, abs=1e-4), (step, megatron, deepspeed)
+        assert deepspeed[step] == pytest.approx(megatron[step], rel=0, abs=1e-5), (step, megatron, deepspeed)
     assert megatron[STEPS] < megatron[1] - 0.3  # it learns: the curves are not flat
     print(f"{variant}: max |loss DeepSpeed - Megatron| over {STEPS} steps = "
           f"{max(abs(deepspeed[s] - megatron[s]) for s in megatron):.2e}")
     norms_m, norms_d = curve(megatron_runs[variant], "grad_norm"), curve(tmp_path, "grad_norm")
     for step in norms_m:
-        assert norms_d[step] == pytest.approx(norms_m[step], rel=1e-3)
+        assert norms_d[step] == pytest.approx(norms_m[step], rel=1e-4)
     assert curve(tmp_path, "lr") == pytest.approx(curve(megatron_runs[variant], "lr"), rel=1e-9)
     keys = [sorted(r) for r in rows(megatron_runs[variant])]
     assert [sorted(r) for r in rows(tmp_path)] == keys  # the same JSONL rows, metric for metric
     (valid_m,), (valid_d,) = curve(megatron_runs[variant], "valid_loss").values(), curve(tmp_path, "valid_loss").values()
-    assert valid_d == pytest.approx(valid_m, rel=1e-4)
+    assert valid_d == pytest.approx(valid_m, rel=0, abs=1e-5)
 
 
 def test_deepspeed_launcher_zero1_from_a_preset(data, tmp_path):
@@ -166,7 +166,7 @@ def test_megatron_export_finetune_export_loads_with_automodel(data, megatron_run
     tool("convert_checkpoint_to_hf.py", "--checkpoint", megatron_runs["learnable"] / "checkpoints", "--output", exported)
     tuned_dir = tmp_path / "finetune"
     proc = torchrun(DS, 2, "--deepspeed", "zero3", "--from-hf", exported,
-                    *overrides(data, tuned_dir, **MODELS["learnable"], **{"train.train_steps": 3, "optim.lr": 0.01,
+                    *overrides(data, tuned_dir, **MODELS["learnable"], **{"train.train_steps": 3, "optim.lr": 0.003,
                                                                           "optim.lr_warmup_steps": 1}))
     assert f"from {exported}" in proc.stdout
     tuned = tuned_dir / "hf"
@@ -282,3 +282,18 @@ def test_checkpoints_of_the_other_engine_or_stage_are_refused(data, tmp_path, ca
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "is a deepspeed checkpoint: resume it with pretrain/pretrain_hf_deepspeed.py" in proc.stderr
+
+
+def test_slurm_preflight_checks_the_deepspeed_config(data, tmp_path):
+    """slurm/check_config.py --engine deepspeed: TP/PP of the preset do not matter, the ZeRO config does."""
+    def check(*args):
+        return subprocess.run([sys.executable, str(REPO / "slurm" / "check_config.py"), *map(str, args)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+
+    base = overrides(data, tmp_path, **{"parallel.tensor_parallel": 4})
+    ok = check("--world-size", 2, "--engine", "deepspeed", "tiny_cpu", *base)
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: "), ok.stderr
+    megatron = check("--world-size", 2, "tiny_cpu", *base)  # TP4 does not fit 2 ranks for Megatron
+    assert megatron.returncode == 2
+    bad = check("--world-size", 2, "--engine", "deepspeed", "tiny_cpu", *base, "deepspeed.zero_stage=5")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: ZeRO stage 5: choose 0, 1, 2 or 3"
