@@ -71,7 +71,11 @@ def build_optimizer(model: List, optim: OptimConfig, parallel: ParallelConfig):
 def build_scheduler(optimizer, optim: OptimConfig, train_steps: int):
     """Megatron's LR / weight-decay schedule (linear warmup from 0, then cosine / WSD / linear /
     constant to min_lr at train_steps; no decay on 1-D parameters via their group's wd_mult). It only
-    touches `optimizer.param_groups`, so the DeepSpeed trainer uses it too: same schedule, both engines."""
+    touches `optimizer.param_groups`, so the DeepSpeed trainer uses it too: same schedule, both engines.
+
+    On resume only the step count comes from the checkpoint: the run config owns the schedule, so
+    extending train.train_steps (or changing optim.lr) takes effect instead of being silently replaced
+    by the checkpoint's values (TrainingLoop.note_schedule_changes says what changed)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     o = optim
@@ -80,4 +84,5 @@ def build_scheduler(optimizer, optim: OptimConfig, train_steps: int):
         lr_decay_steps=train_steps, lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay,
         end_wd=o.weight_decay, wd_incr_steps=train_steps, wd_incr_style="constant",
         wsd_decay_steps=o.lr_wsd_decay_steps, lr_wsd_decay_style="cosine" if o.lr_decay_style == "WSD" else None,
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
     )

@@ -89,9 +89,13 @@ class Trainer(TrainingLoop):
                 raise ConfigError(f"{path} was saved with parallel.distributed_optimizer={str(saved).lower()}: "
                                   "resume with the same setting (Megatron's optimizer checkpoint formats differ)")
             state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+            for group in self.optimizer.param_groups:  # the loaded groups carry the checkpoint's lr range
+                group["max_lr"], group["min_lr"] = cfg.optim.lr, cfg.optim.min_lr
+            self.scheduler.step(increment=0)
             self.step, consumed = state["step"], state["consumed_samples"]
             self._saved_step = self.step
             self._print(f"resumed from {path} at step {self.step} ({consumed} samples consumed)")
+            self.note_schedule_changes(path)
         self.stream = MicrobatchStream(self.train_ds, t.global_batch_size, t.micro_batch_size, consumed)
         self.metrics = MetricsLogger(cfg.logging.dir, cfg.name, to_dict(cfg), self.writer,
                                      cfg.logging.wandb_project, cfg.logging.tensorboard)

@@ -11,11 +11,16 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, Tuple
 
 import torch.distributed as dist
 
 from .signals import ExitSignals
+
+
+SCHEDULE_OPTIONS = (("optim", "lr"), ("optim", "min_lr"), ("optim", "lr_warmup_steps"), ("optim", "lr_decay_style"),
+                    ("optim", "lr_wsd_decay_steps"), ("optim", "weight_decay"), ("train", "train_steps"))
 
 
 class TrainingStopped(RuntimeError):
@@ -51,6 +56,19 @@ class TrainingLoop:
     def _print(self, msg: str) -> None:
         if dist.get_rank() == 0:
             print(msg, flush=True)
+
+    def note_schedule_changes(self, checkpoint) -> None:
+        """Say which schedule options differ from the checkpoint's run config (the current ones apply)."""
+        import yaml
+
+        saved = yaml.safe_load((Path(checkpoint) / "run_config.yaml").read_text()) or {}
+        changes = []
+        for section, key in SCHEDULE_OPTIONS:
+            old, new = (saved.get(section) or {}).get(key), getattr(getattr(self.cfg, section), key)
+            if old is not None and old != new:
+                changes.append(f"{section}.{key} {old} -> {new}")
+        if changes:
+            self._print(f"note: the LR schedule follows this run's config, changed since the checkpoint: {', '.join(changes)}")
 
     def check_finite(self, what: str, value: float) -> None:
         if not math.isfinite(value) and self.cfg.train.nan_policy == "stop":

@@ -156,6 +156,23 @@ def test_distributed_optimizer_resume_is_bitwise(data, tmp_path):
     assert [got[s] for s in range(6, STEPS + 1)] == [want[s] for s in range(6, STEPS + 1)]
 
 
+def test_extending_a_finished_run_follows_the_new_schedule(data, uninterrupted, tmp_path):
+    """Resume the finished 12-step run with train.train_steps=16: the cosine decay now ends at 16
+    (the checkpoint's 12-step schedule would pin the LR at min_lr), and the change is announced."""
+    import math
+
+    shutil.copytree(uninterrupted / "ckpt", tmp_path / "ckpt")
+    proc = train(data, tmp_path, **{"train.train_steps": 16, "optim.min_lr": 1e-4})
+    assert "note: the LR schedule follows this run's config, changed since the checkpoint: " \
+           "optim.min_lr 0.0003 -> 0.0001, train.train_steps 12 -> 16" in proc.stdout, proc.stdout[-2000:]
+    rows = [json.loads(line) for line in open(tmp_path / "log" / "metrics.jsonl")]
+    lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    assert sorted(lrs) == [13, 14, 15, 16]
+    for step, lr in lrs.items():  # the LR after `step` updates: warmup 2, cosine 3e-3 -> 1e-4 over 16 steps
+        want = 1e-4 + 0.5 * (math.cos(math.pi * (step - 2) / 14) + 1) * (3e-3 - 1e-4)
+        assert lr == pytest.approx(want, rel=1e-9), (step, lr, want)
+
+
 def test_switching_optimizer_kind_on_resume_is_a_clear_error(data, tmp_path):
     train(data, tmp_path, **{"train.exit_interval": 5})
     proc = torchrun(TRAIN, 2, "--config", "tiny_cpu",

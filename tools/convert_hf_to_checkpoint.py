@@ -10,9 +10,8 @@ consumed, run_config.yaml with the chosen layout) and `latest`, plus the folder'
 The save runs under torchrun with TP x PP processes (CPU/gloo when there is no GPU).
 
 The run config starts from the exporter's copy of the original one (rf_megatron_run_config.yaml) if
-present, else from the defaults; `section.key=value` overrides follow. Megatron restores the LR
-schedule (lr, min_lr, warmup, decay steps = train.train_steps, style, weight decay) from the
-checkpoint on resume, so give the values you will train with here. Then:
+present, else from the defaults; `section.key=value` overrides follow. The saved run config is a
+starting point: the LR schedule of a resumed run follows the config it is started with. Then:
 
     torchrun --nproc-per-node N pretrain/pretrain_resformer.py --config OUT/iter_0000000/run_config.yaml \
         data.paths=[...]            # checkpoint.dir already points at OUT

@@ -115,6 +115,7 @@ class DeepSpeedTrainer(TrainingLoop):
             self.step, consumed = self._load(resume_from)
             self._saved_step = self.step
             self._print(f"resumed from {resume_from} at step {self.step} ({consumed} samples consumed)")
+            self.note_schedule_changes(resume_from)
         self.stream = MicrobatchStream(self.train_ds, t.global_batch_size, t.micro_batch_size, consumed,
                                        dp_rank=self.rank, dp_size=self.world)
         if self.rank == 0:
