@@ -147,6 +147,10 @@ def run_entry_point(build: Callable[[], "TrainingLoop"]) -> int:
         return 2
     try:
         result = trainer.train()
+    except TrainingStopped as exc:  # every rank sees the same (global) loss / grad norm and stops here
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        _exit_now(1)
     except BaseException:
         # Report now: the other ranks may be blocked in a collective that this rank left, and a
         # clean shutdown (a barrier) would hang; the launcher tears the job down on our exit code.
@@ -154,8 +158,21 @@ def run_entry_point(build: Callable[[], "TrainingLoop"]) -> int:
 
         traceback.print_exc()
         sys.stderr.flush()
-        os._exit(1)
+        _exit_now(1)
     trainer.close()
     if "stopped" in result and int(os.environ.get("RANK", "0")) == 0:
         print(f"stopped at step {result['step']} ({result['stopped']}); rerun the same command to resume", flush=True)
     return 0
+
+
+def _exit_now(code: int) -> None:
+    """Exit without the normal shutdown, taking our helper processes along (the checkpoint writer's
+    multiprocessing Manager would otherwise outlive us, holding the launcher's output pipes open)."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    os._exit(code)

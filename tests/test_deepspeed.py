@@ -120,6 +120,17 @@ def test_zero2_on_two_processes_follows_the_megatron_loss_curve(variant, data, i
     assert valid_d == pytest.approx(valid_m, rel=0, abs=1e-5)
 
 
+def test_a_diverging_run_stops_with_one_error_line(data, tmp_path):
+    """lr=1e30 blows the weights up at step 2; step 3's gradients are not finite: every rank stops."""
+    proc = torchrun(DS, 2, *overrides(data, tmp_path, **{"optim.lr": 1e30, "checkpoint.save_interval": 1}), check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]  # rank 0 says it; every rank stops
+    assert "at step 3: stopping (train.nan_policy=skip skips such steps instead)" in errors[0]
+    assert "TrainingStopped" not in proc.stderr  # a message, not a stack trace of ours
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "iter_0000002"  # nothing saved after the blow-up
+
+
 def test_deepspeed_launcher_zero1_from_a_preset(data, tmp_path):
     """The `deepspeed` launcher (it passes --local_rank), ZeRO-1, a fresh model from the preset."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
@@ -229,6 +240,8 @@ def test_config_errors_are_one_line(data, initial, tmp_path, capsys, monkeypatch
          "gradient_clipping=0.5 but optim.clip_grad=1.0"),
         (["parallel.params_dtype=bf16"], "needs a GPU"),
         (["train.nan_policy=skip"], "nan_policy=skip is not supported"),
+        (["model.init_method_std=2.0"], "the HF config cannot take this model: Validation error for field "
+                                        "'initializer_range'"),
         (["model.num_layers=64", "model.hidden_size=4096", "model.num_attention_heads=32", "model.ffn_hidden_size=11008",
           "deepspeed.zero_stage=3"], "the model does not fit: ZeRO-3 on 2 process(es) needs about"),
     ]

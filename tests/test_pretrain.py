@@ -173,6 +173,19 @@ def test_extending_a_finished_run_follows_the_new_schedule(data, uninterrupted, 
         assert lr == pytest.approx(want, rel=1e-9), (step, lr, want)
 
 
+def test_a_diverging_run_stops_with_one_error_line(data, tmp_path):
+    """lr=1e30 blows the weights up at step 2; step 3's gradients are not finite: every rank stops
+    (rank 0 prints one line), and no checkpoint holds the broken weights."""
+    proc = torchrun(TRAIN, 2, "--config", "tiny_cpu", *overrides(data, tmp_path, **{
+        "optim.lr": 1e30, "checkpoint.save_interval": 1}), check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]  # rank 0 says it; every rank stops
+    assert "is nan at step 3: stopping (train.nan_policy=skip skips such steps instead)" in errors[0]
+    assert "TrainingStopped" not in proc.stderr  # a message, not a stack trace of ours
+    assert (tmp_path / "ckpt" / "latest").read_text() == "iter_0000002"
+
+
 def test_switching_optimizer_kind_on_resume_is_a_clear_error(data, tmp_path):
     train(data, tmp_path, **{"train.exit_interval": 5})
     proc = torchrun(TRAIN, 2, "--config", "tiny_cpu",

@@ -166,18 +166,26 @@ def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
 # The HF folder
 # --------------------------------------------------------------------------------------------------
 def build_hf_config(model, special: Dict[str, Optional[int]], dtype: str):
+    """LlamaConfig / RFGPTConfig of a model config; what transformers' validation refuses (e.g.
+    initializer_range > 1) is a one-line ConversionError."""
+    from huggingface_hub.errors import StrictDataclassError
+
     kwargs = hf_config_kwargs(model, special)
-    if uses_remote_code(model):
-        from .configuration_rfgpt import RFGPTConfig
+    try:
+        if uses_remote_code(model):
+            from .configuration_rfgpt import RFGPTConfig
 
-        config = RFGPTConfig(**kwargs)
-        config.architectures = ["RFGPTForCausalLM"]
-        config.auto_map = dict(AUTO_MAP)
-    else:
-        from transformers import LlamaConfig
+            config = RFGPTConfig(**kwargs)
+            config.architectures = ["RFGPTForCausalLM"]
+            config.auto_map = dict(AUTO_MAP)
+        else:
+            from transformers import LlamaConfig
 
-        config = LlamaConfig(**kwargs)
-        config.architectures = ["LlamaForCausalLM"]
+            config = LlamaConfig(**kwargs)
+            config.architectures = ["LlamaForCausalLM"]
+    except (ValueError, StrictDataclassError) as exc:
+        raise ConversionError("the HF config cannot take this model: "
+                              + " ".join(line.strip() for line in str(exc).splitlines() if line.strip())) from None
     config.dtype = "float32" if dtype == "fp32" else "bfloat16"
     return config
 

@@ -26,10 +26,18 @@ def model_class(model: ModelConfig):
     return LlamaForCausalLM
 
 
+def hf_config(model: ModelConfig):
+    """The HF config of `model`; what transformers refuses (e.g. initializer_range > 1) is a ConfigError."""
+    try:
+        return build_hf_config(model, {}, "fp32")
+    except ConversionError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def build_fresh(model: ModelConfig, seed: int):
     """A newly initialised model (HF's init: normal(0, model.init_method_std), norms 1, lambdas 0.5)."""
     torch.manual_seed(seed)
-    return model_class(model)(build_hf_config(model, {}, "fp32")).float()
+    return model_class(model)(hf_config(model)).float()
 
 
 def read_folder_config(folder) -> ModelConfig:
@@ -56,7 +64,7 @@ def load_folder(folder, model: ModelConfig):
     hf_logging.set_verbosity_error()  # its load report would repeat, per rank, what we check below
     hf_logging.disable_progress_bar()
     try:
-        loaded, info = cls.from_pretrained(str(folder), config=build_hf_config(model, {}, "fp32"),
+        loaded, info = cls.from_pretrained(str(folder), config=hf_config(model),
                                            dtype=torch.float32, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"deepspeed.init_from_hf={folder}: cannot load the weights ({str(exc).splitlines()[0]})") from None
