@@ -4,8 +4,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
 from conftest import REPO
 from test_pretrain import data, overrides  # noqa: F401  (module-scoped data fixture)
 

@@ -7,7 +7,6 @@ different layouts must agree to float tolerance. Output: one torch file per pipe
              "params": {global name: full params after the last step}}}
 """
 import argparse
-import json
 import os
 import zlib
 

@@ -12,8 +12,6 @@ from rf_megatron.config import ModelConfig, ParallelConfig, build_transformer_co
 
 @pytest.fixture(scope="module")
 def megatron_gpu():
-    import os
-
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
 
