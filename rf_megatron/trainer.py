@@ -124,7 +124,7 @@ class Trainer(TrainingLoop):
             return loss, float("nan"), False
         ok, grad_norm, _ = self.optimizer.step()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        self.check_finite("grad norm", grad_norm)
+        self.check_finite("grad norm", grad_norm, update_applied=ok)
         self.scheduler.step(increment=1)
         return loss, grad_norm, ok
 

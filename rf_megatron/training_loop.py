@@ -70,8 +70,16 @@ class TrainingLoop:
         if changes:
             self._print(f"note: the LR schedule follows this run's config, changed since the checkpoint: {', '.join(changes)}")
 
-    def check_finite(self, what: str, value: float) -> None:
-        if not math.isfinite(value) and self.cfg.train.nan_policy == "stop":
+    def check_finite(self, what: str, value: float, update_applied: bool = False) -> None:
+        """Stop on NaN/Inf under nan_policy=stop, and always once a non-finite update was applied
+        (fp32 / bf16 optimizers do not skip those: the weights are gone, skipping cannot help)."""
+        if math.isfinite(value):
+            return
+        if update_applied:
+            raise TrainingStopped(f"{what} is {value} at step {self.step + 1} and the update was applied, so the "
+                                  "weights are no longer finite: stopping (lower optim.lr or check the data; the "
+                                  "last checkpoint is intact)")
+        if self.cfg.train.nan_policy == "stop":
             raise TrainingStopped(f"{what} is {value} at step {self.step + 1}: stopping "
                                   "(train.nan_policy=skip skips such steps instead)")
 

@@ -1,6 +1,7 @@
 """The pretraining path end to end on CPU: tokenizer -> indexed data -> multi-process training ->
 checkpoints -> resume (exactly, also after SIGTERM, kill -9 mid-save and a layout change)."""
 import json
+import re
 import os
 import shutil
 import signal
@@ -173,15 +174,18 @@ def test_extending_a_finished_run_follows_the_new_schedule(data, uninterrupted, 
         assert lr == pytest.approx(want, rel=1e-9), (step, lr, want)
 
 
-def test_a_diverging_run_stops_with_one_error_line(data, tmp_path):
-    """lr=1e30 blows the weights up at step 2; step 3's gradients are not finite: every rank stops
-    (rank 0 prints one line), and no checkpoint holds the broken weights."""
+@pytest.mark.parametrize("nan_policy", ["stop", "skip"])
+def test_a_diverging_run_stops_with_one_error_line(data, tmp_path, nan_policy):
+    """lr=1e30 blows the weights up at step 2; step 3's gradients are not finite and the fp32 update
+    is applied: every rank stops, even under nan_policy=skip (rank 0 prints one line), and no
+    checkpoint holds the broken weights."""
     proc = torchrun(TRAIN, 2, "--config", "tiny_cpu", *overrides(data, tmp_path, **{
-        "optim.lr": 1e30, "checkpoint.save_interval": 1}), check=False)
+        "optim.lr": 1e30, "checkpoint.save_interval": 1, "train.nan_policy": nan_policy}), check=False)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, proc.stderr[-3000:]  # rank 0 says it; every rank stops
-    assert "is nan at step 3: stopping (train.nan_policy=skip skips such steps instead)" in errors[0]
+    assert re.search(r"grad norm is (nan|inf) at step 3 and the update was applied, so the weights are no longer "
+                     r"finite: stopping", errors[0]), errors[0]
     assert "TrainingStopped" not in proc.stderr  # a message, not a stack trace of ours
     assert (tmp_path / "ckpt" / "latest").read_text() == "iter_0000002"
 

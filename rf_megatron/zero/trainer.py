@@ -155,7 +155,7 @@ class DeepSpeedTrainer(TrainingLoop):
         self.check_finite("loss", loss)
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        self.check_finite("grad norm", grad_norm)
+        self.check_finite("grad norm", grad_norm, update_applied=True)  # DeepSpeed skips only in fp16
         self.scheduler.step(increment=1)
         return loss, grad_norm, True
 
