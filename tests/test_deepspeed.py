@@ -4,8 +4,8 @@ weights and data; resume; Megatron -> HF -> DeepSpeed fine-tune -> HF; one-line 
 """
 import importlib.util
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path

@@ -1,8 +1,8 @@
 """The pretraining path end to end on CPU: tokenizer -> indexed data -> multi-process training ->
 checkpoints -> resume (exactly, also after SIGTERM, kill -9 mid-save and a layout change)."""
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
