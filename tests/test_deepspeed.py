@@ -21,7 +21,7 @@ DS = REPO / "pretrain" / "pretrain_hf_deepspeed.py"
 MEGATRON = REPO / "pretrain" / "pretrain_resformer.py"
 STEPS = 6
 MODELS = {
-    "learnable": {"model.variant": "resformer", "model.lambda_mode": "learnable"},
+    "learnable": {"model.variant": "resformer", "model.lambda_mode": "learnable", "train.lambda_log_interval": 3},
     "svformer_gqa": {"model.variant": "svformer", "model.num_query_groups": 2},
 }
 
@@ -117,6 +117,12 @@ def test_zero2_on_two_processes_follows_the_megatron_loss_curve(variant, data, i
     assert curve(tmp_path, "lr") == pytest.approx(curve(megatron_runs[variant], "lr"), rel=1e-9)
     keys = [sorted(r) for r in rows(megatron_runs[variant])]
     assert [sorted(r) for r in rows(tmp_path)] == keys  # the same JSONL rows, metric for metric
+    lambdas_m = [r for r in rows(megatron_runs[variant]) if "lambda1/layer2" in r]
+    lambdas_d = [r for r in rows(tmp_path) if "lambda1/layer2" in r]
+    assert len(lambdas_m) == (2 if variant == "learnable" else 0) == len(lambdas_d)
+    for m, d in zip(lambdas_m, lambdas_d):  # the learned lambdas of steps 3 and 6
+        assert d == pytest.approx(m, rel=0, abs=1e-5)
+        assert m["lambda1/layer3"] != 0.5  # they did move
     (valid_m,), (valid_d,) = curve(megatron_runs[variant], "valid_loss").values(), curve(tmp_path, "valid_loss").values()
     assert valid_d == pytest.approx(valid_m, rel=0, abs=1e-5)
 
@@ -202,6 +208,9 @@ def test_megatron_export_finetune_export_loads_with_automodel(data, megatron_run
     assert tok.decode(out[0, prompt["input_ids"].shape[1]:]).strip()
     card = (tuned / "README.md").read_text()
     assert "DeepSpeed ZeRO-3, 2 process(es)" in card and "steps: 3" in card
+    logged = [r for r in rows(tuned_dir) if "lambda1/layer2" in r]  # gathered from ZeRO-3 partitions
+    assert len(logged) == 1 and logged[0]["lambda1/layer2"] == pytest.approx(
+        float(after["model.layers.1.self_attn.value_residual_lambdas"][0]), abs=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------

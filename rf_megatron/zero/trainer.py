@@ -152,10 +152,10 @@ class DeepSpeedTrainer(TrainingLoop):
             stats += torch.stack([total.detach().double().cpu(), count.detach().double().cpu()])
         dist.all_reduce(stats)
         loss = (stats[0] / stats[1]).item()
-        self.check_finite("loss", loss)
+        self.check_finite("loss", loss, update_applied=True)  # engine.step() has run: DeepSpeed skips only in fp16
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        self.check_finite("grad norm", grad_norm, update_applied=True)  # DeepSpeed skips only in fp16
+        self.check_finite("grad norm", grad_norm, update_applied=True)
         self.scheduler.step(increment=1)
         return loss, grad_norm, True
 
@@ -179,23 +179,25 @@ class DeepSpeedTrainer(TrainingLoop):
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def _full_parameters(self):
-        """The module's full weights on every rank (ZeRO-3 partitions them; 0-2 keep them whole)."""
+    def _full_parameters(self, params=None):
+        """`params` (default: all) whole on every rank (ZeRO-3 partitions them; 0-2 keep them whole)."""
         import contextlib
 
         if self.stage < 3:
             return contextlib.nullcontext()
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+        params = list(self.engine.module.parameters()) if params is None else params
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def lambdas(self) -> Dict[str, float]:
         if self.cfg.model.variant != "resformer" or self.cfg.model.lambda_mode not in ("learnable", "learnable_plus"):
             return {}
         from ..hf.weights import lambda_table
 
-        with self._full_parameters():
-            state = hf_state(self.engine.module, self.cfg.model)
+        named = {k: p for k, p in self.engine.module.named_parameters() if "value_residual" in k}
+        with self._full_parameters(list(named.values())):
+            state = {k: p.detach().float().cpu() for k, p in named.items()}
         out = {}
         for layer, (l1, l2) in sorted(lambda_table(state, self.cfg.model).items()):
             out[f"lambda1/layer{layer}"], out[f"lambda2/layer{layer}"] = float(l1), float(l2)
