@@ -31,6 +31,18 @@ def torchrun(script, nproc: int, *args, timeout: int = 600, env=None, check=True
     return proc
 
 
+def assert_diverged_at_step_3(proc) -> None:
+    """A run blown up by lr=1e30: stopped at step 3 with ONE `error:` line (rank 0), no stack trace of ours."""
+    import re
+
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]  # rank 0 says it; every rank stops
+    assert re.search(r"grad norm is (nan|inf) at step 3 and the update was applied, so the weights are no longer "
+                     r"finite: stopping", errors[0]), errors[0]
+    assert "TrainingStopped" not in proc.stderr
+
+
 @pytest.fixture(scope="session")
 def megatron_single_rank():
     """Megatron-Core initialised in this process: CPU mode, gloo, world size 1 (TP1 PP1)."""

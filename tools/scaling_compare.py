@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rf_megatron.scaling.cli_common import add_fit_options, fit_kwargs, fmt_ci, write_json  # noqa: E402
+from rf_megatron.scaling.cli_common import add_fit_options, fit_kwargs, fmt_ci, write_outputs  # noqa: E402
 from rf_megatron.scaling.collect import read_table  # noqa: E402
 from rf_megatron.scaling.compare import compare, default_reference, frontier_curves  # noqa: E402
 from rf_megatron.scaling.family_fits import fit_families  # noqa: E402
@@ -61,13 +61,7 @@ def main(argv=None) -> int:
     budgets = sorted(df["budget"].unique())
     grid = np.geomspace(budgets[0] / 3, budgets[-1] * 10, 30)
     result["frontier"] = frontier_curves(fits, grid)
-    if a.out:
-        write_json(result, a.out)
-    if a.plots:
-        from rf_megatron.scaling.plots import all_plots
-
-        for path in all_plots(df, fits, a.plots, a.loss_col):
-            print(f"wrote {path}")
+    write_outputs(result, a, df, fits)
     return 0
 
 

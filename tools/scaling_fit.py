@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rf_megatron.scaling.cli_common import add_fit_options, fit_kwargs, fmt_ci, write_json  # noqa: E402
+from rf_megatron.scaling.cli_common import add_fit_options, fit_kwargs, fmt_ci, write_outputs  # noqa: E402
 from rf_megatron.scaling.collect import read_table  # noqa: E402
 from rf_megatron.scaling.family_fits import fit_families  # noqa: E402
 
@@ -53,13 +53,7 @@ def main(argv=None) -> int:
                   f"({len(a2['minima'])} budgets)")
         else:
             print(f"  approach 2: {len(a2['minima'])} budget minima (need 2 for a power law)")
-    if a.out:
-        write_json(report, a.out)
-    if a.plots:
-        from rf_megatron.scaling.plots import all_plots
-
-        for path in all_plots(df, fits, a.plots, a.loss_col):
-            print(f"wrote {path}")
+    write_outputs(report, a, df, fits)
     return 0
 
 

@@ -52,3 +52,14 @@ def write_json(obj, path) -> None:
 def fmt_ci(value, ci) -> str:
     lo, hi = ci
     return f"{value:.4g} [{lo:.4g}, {hi:.4g}]"
+
+
+def write_outputs(report, a, df, fits) -> None:
+    """--out (JSON report) and --plots (figures) of the fit and compare CLIs."""
+    if a.out:
+        write_json(report, a.out)
+    if a.plots:
+        from .plots import all_plots
+
+        for path in all_plots(df, fits, a.plots, a.loss_col):
+            print(f"wrote {path}")
