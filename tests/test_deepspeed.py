@@ -133,10 +133,13 @@ def test_a_diverging_run_stops_with_one_error_line(data, tmp_path):
     assert (tmp_path / "checkpoints" / "latest").read_text() == "iter_0000002"  # nothing saved after the blow-up
 
 
-def test_deepspeed_launcher_zero1_from_a_preset(data, tmp_path):
-    """The `deepspeed` launcher (it passes --local_rank), ZeRO-1, a fresh model from the preset."""
+def test_deepspeed_launcher_with_a_user_json_and_a_fresh_model(data, tmp_path):
+    """The `deepspeed` launcher (it passes --local_rank), the user's own DeepSpeed JSON (ZeRO-1, explicit
+    values that agree with the run config), a fresh vanilla model from the preset."""
+    conf = _write(tmp_path / "ds.json", {"train_batch_size": 8, "gradient_clipping": 1.0,
+                                         "zero_optimization": {"stage": 1, "reduce_bucket_size": 1e7}})
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           str(DS), "--config", "tiny_cpu", "--deepspeed", "zero1",
+           str(DS), "--config", "tiny_cpu", "--deepspeed", conf,
            *overrides(data, tmp_path, **{"train.train_steps": 3, "model.variant": "vanilla"})]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
