@@ -88,9 +88,12 @@ class Trainer(TrainingLoop):
             if saved is not None and saved != cfg.parallel.distributed_optimizer:
                 raise ConfigError(f"{path} was saved with parallel.distributed_optimizer={str(saved).lower()}: "
                                   "resume with the same setting (Megatron's optimizer checkpoint formats differ)")
+            saved_optim = (yaml.safe_load((path / "run_config.yaml").read_text()) or {}).get("optim") or {}
+            # Megatron >= 0.19 pairs saved and current param groups by their lr range: load with the
+            # checkpoint's, then hand the schedule to the run config (see build_scheduler)
+            self._set_lr_range(saved_optim.get("lr", cfg.optim.lr), saved_optim.get("min_lr", cfg.optim.min_lr))
             state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
-            for group in self.optimizer.param_groups:  # the loaded groups carry the checkpoint's lr range
-                group["max_lr"], group["min_lr"] = cfg.optim.lr, cfg.optim.min_lr
+            self._set_lr_range(cfg.optim.lr, cfg.optim.min_lr)
             self.scheduler.step(increment=0)
             self.step, consumed = state["step"], state["consumed_samples"]
             self._saved_step = self.step
@@ -171,6 +174,10 @@ class Trainer(TrainingLoop):
                                 "distributed_optimizer": self.cfg.parallel.distributed_optimizer},
                                self.config_yaml, ckpt.keep_last)
         self._print(f"saved checkpoint {path}")
+
+    def _set_lr_range(self, max_lr: float, min_lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["max_lr"], group["min_lr"] = max_lr, min_lr
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
