@@ -12,7 +12,7 @@ from typing import Dict, List
 import torch
 
 from ..config import ConfigError, ModelConfig
-from ..hf.export import RUN_CONFIG_COPY, TRAIN_STATE_COPY, _fresh_tmp, build_hf_config, model_card, publish, write_model_files
+from ..hf.export import DTYPES, RUN_CONFIG_COPY, TRAIN_STATE_COPY, _fresh_tmp, build_hf_config, model_card, publish, write_model_files
 from ..hf.weights import ConversionError, lambda_table, model_config_from_hf, uses_remote_code
 
 
@@ -60,7 +60,7 @@ def load_folder(folder, model: ModelConfig):
     from transformers.utils import logging as hf_logging
 
     cls = model_class(model)
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # its load report would repeat, per rank, what we check below
     hf_logging.disable_progress_bar()
     try:
@@ -70,7 +70,8 @@ def load_folder(folder, model: ModelConfig):
         raise ConfigError(f"deepspeed.init_from_hf={folder}: cannot load the weights ({str(exc).splitlines()[0]})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        if bars:  # restore, not force on: quiet() may have switched them off for the whole run
+            hf_logging.enable_progress_bar()
     problems = [f"{what}: {', '.join(sorted(info[key])[:4])}" for key, what in
                 (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "wrong shape"))
                 if info.get(key)]
@@ -110,8 +111,7 @@ def save_folder(state: Dict[str, torch.Tensor], cfg, output, train_state: dict, 
     tmp = _fresh_tmp(output)
     try:
         _, special = save_hf_tokenizer(cfg.data.tokenizer_model, tmp, model_max_length=cfg.model.seq_length)
-        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-        state = {k: v.to(dtypes[dtype]) for k, v in state.items()}
+        state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
         write_model_files(tmp, state, cfg.model, special, dtype, max_shard_bytes)
         save_yaml(cfg, tmp / RUN_CONFIG_COPY)
         (tmp / TRAIN_STATE_COPY).write_text(json.dumps(train_state))
