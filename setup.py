@@ -1,6 +1,13 @@
 """rf-megatron: value residual learning (ResFormer / SVFormer) on Megatron-Core."""
 from setuptools import find_packages, setup
 
+LOGGING = ["wandb>=0.19,<0.32", "tensorboard>=2.15,<2.22"]  # tested: wandb 0.31.0, tensorboard 2.21.0
+# transformers: tested 5.10.4 (oldest; the cache argument was still `past_key_values`) and 5.24.0 (`cache`)
+HF = ["transformers>=5.10,<5.25", "safetensors<0.9", "protobuf<8"]
+SCALING = ["scipy<1.18", "pandas<3.2", "matplotlib<3.12", "pyarrow<27", "threadpoolctl<4"]
+DEEPSPEED = ["deepspeed>=0.16,<0.20"]  # tested 0.19.8
+TESTS = ["pytest>=8,<9.3", "pytest-timeout<2.5"]
+
 setup(
     name="rf-megatron",
     version="0.1.0",
@@ -11,23 +18,24 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["rf_megatron", "rf_megatron.*"]),
     include_package_data=True,
+    # Every upper bound is a version CI ran (constraints.txt holds the exact set; RF_CI_LATEST=1 bash .ci/run tries
+    # the newest versions these ranges allow). Raise a bound only after that run is green.
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.4,<2.14",  # tested 2.13.0
         # Tested: 0.16.1 (Python 3.11) and 0.19.2 (Python >= 3.12 clusters; on 3.11 see .ci/run).
         "megatron-core>=0.16.1,<0.20",
-        "numpy",
-        "pyyaml",
-        "psutil",  # dist_checkpointing saves hang without it
-        "sentencepiece",
+        "numpy<2.5",
+        "pyyaml<7",
+        "psutil<8",  # dist_checkpointing saves hang without it
+        "sentencepiece<0.3",
     ],
     extras_require={
-        "logging": ["wandb", "tensorboard"],
-        "hf": ["transformers>=5,<6", "safetensors", "protobuf"],
-        "scaling": ["scipy", "pandas", "matplotlib", "pyarrow"],
-        # pretrain/pretrain_hf_deepspeed.py (tested with 0.19.8; CPU accelerator + gloo, or CUDA + NCCL)
-        "deepspeed": ["deepspeed>=0.16", "transformers>=5,<6", "safetensors", "protobuf"],
-        "dev": ["pytest>=8", "pytest-timeout", "wandb", "transformers>=5,<6", "safetensors", "scipy", "pandas",
-                "matplotlib", "pyarrow", "deepspeed>=0.16"],
-        "gpu": ["transformer-engine[pytorch]"],
+        "logging": LOGGING,
+        "hf": HF,
+        "scaling": SCALING,
+        # pretrain/pretrain_hf_deepspeed.py (CPU accelerator + gloo, or CUDA + NCCL)
+        "deepspeed": DEEPSPEED + HF,
+        "dev": TESTS + LOGGING + HF + SCALING + DEEPSPEED,
+        "gpu": ["transformer-engine[pytorch]"],  # not installable without CUDA: never run by CI
     },
 )

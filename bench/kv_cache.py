@@ -81,18 +81,20 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
-    from rf_megatron.hf.modeling_rfgpt import SharedValueCache, cache_nbytes
+    from rf_megatron.hf.modeling_rfgpt import CACHE_ARG, SharedValueCache, cache_nbytes
 
     hf_logging.set_verbosity_error()
     models = {name: build(args, name) for name in ("vanilla", "svformer")}
     prompt = torch.randint(0, args.vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
-    nbytes = {}
+    nbytes, cached_tokens = {}, {}
     for name, model in models.items():
-        out = generate(model, prompt, args.new)
-        cache = out.past_key_values
+        cache = getattr(generate(model, prompt, args.new), CACHE_ARG)
         if name == "svformer":
             assert isinstance(cache, SharedValueCache), type(cache)
-        nbytes[name] = cache_nbytes(cache)
+        nbytes[name], cached_tokens[name] = cache_nbytes(cache), cache.get_seq_length()
+        if cached_tokens[name] != args.prompt + args.new - 1:  # a cache rebuilt each step holds 1 token
+            raise SystemExit(f"error: {name}'s cache holds {cached_tokens[name]} tokens after generate(), "
+                             f"expected {args.prompt + args.new - 1}")
     decode = {name: [] for name in models}
     for _ in range(args.rounds):
         for name, model in models.items():  # alternate, so drift in machine load hits both
@@ -107,7 +109,7 @@ def main(argv=None) -> dict:
         print(f"{name:<8} KV cache {nbytes[name] / 2**20:8.3f} MiB{speed}")
     ratio = nbytes["svformer"] / nbytes["vanilla"]
     print(f"svformer {_round3(ratio)}x  (theory (L+1)/(2L) = {(L + 1) / (2 * L):.4f})")
-    result = {"bytes": nbytes, "ratio": ratio, "theory": (L + 1) / (2 * L)}
+    result = {"bytes": nbytes, "ratio": ratio, "theory": (L + 1) / (2 * L), "cached_tokens": cached_tokens}
     if args.rounds:
         speed_ratio = statistics.median(decode["svformer"]) / statistics.median(decode["vanilla"])
         print(f"decode tokens/s svformer/vanilla {_round3(speed_ratio)}x")

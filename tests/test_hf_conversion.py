@@ -426,16 +426,6 @@ def test_svformer_cache_holds_one_layer_of_values(exported):
     assert cache_nbytes(caches["svformer"]) / cache_nbytes(caches["vanilla"]) == (L + 1) / (2 * L)
 
 
-def test_kv_cache_bench_prints_the_ratio(capsys):
-    spec = importlib.util.spec_from_file_location("kv_cache_bench", REPO / "bench" / "kv_cache.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = bench.main(["--layers", "8", "--hidden", "64", "--heads", "4", "--ffn", "96", "--vocab", "128",
-                         "--prompt", "8", "--new", "4", "--rounds", "1"])
-    assert result["ratio"] == 9 / 16
-    assert "svformer 0.563x" in capsys.readouterr().out
-
-
 # --------------------------------------------------------------------------------------------------
 # Tokenizer and one-line errors
 # --------------------------------------------------------------------------------------------------
