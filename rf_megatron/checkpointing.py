@@ -2,7 +2,8 @@
 the distributed optimizer, fully reshardable), scheduler, RNG and the data position.
 
 Atomic on a shared filesystem: every rank writes into `iter_NNNNNNN.tmp/`; only when all ranks
-are done does rank 0 rename it to `iter_NNNNNNN/` and then rewrite `latest` (write + rename). A
+are done (and `manifest.json`, the files' checksums, is written) does rank 0 rename it to
+`iter_NNNNNNN/` and then rewrite `latest` (write + rename). A
 crash mid-save leaves a `.tmp` directory that nothing reads (removed at the next save) and the
 previous `latest` intact. Sharded keys are layout independent (global layer numbers), so a
 checkpoint loads into another TP / PP / virtual-PP / DP layout.
@@ -20,29 +21,14 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from .checkpoint_dir import CheckpointError, commit, latest_checkpoint, write_manifest  # noqa: F401 (re-exported)
 from .distopt_fixes import init_optimizer_state
 
-LATEST = "latest"
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def _rank0() -> bool:
     return dist.get_rank() == 0
-
-
-def latest_checkpoint(root) -> Optional[Path]:
-    """The last complete checkpoint under `root`, or None."""
-    pointer = Path(root) / LATEST
-    if not pointer.exists():
-        return None
-    path = Path(root) / pointer.read_text().strip()
-    if not (path / "train_state.json").exists():
-        raise CheckpointError(f"{pointer} names {path.name}, which is incomplete or missing")
-    return path
 
 
 def _layout() -> Dict[str, int]:
@@ -130,37 +116,15 @@ def save_checkpoint(root, step: int, model: List, optimizer, scheduler, train_st
     if _rank0():
         (tmp / "run_config.yaml").write_text(run_config_yaml)
         (tmp / "train_state.json").write_text(json.dumps({**train_state, "step": step, "layout": _layout()}))
+    dist.barrier()
+    write_manifest(tmp)  # every rank hashes its share; rank 0 writes it last
+    if _rank0():
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
         commit(root, name, keep_last)
     dist.barrier()
     return final
-
-
-def commit(root: Path, name: str, keep_last: int) -> None:
-    """Point `latest` at the finished checkpoint `name` (write + rename) and drop old ones (rank 0)."""
-    pointer = root / f"{LATEST}.tmp"
-    pointer.write_text(name)
-    pointer.replace(root / LATEST)
-    _prune(root, keep_last)
-    _fsync_dir(root)
-
-
-def _prune(root: Path, keep_last: int) -> None:
-    if keep_last <= 0:
-        return
-    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path, model: List, optimizer, scheduler) -> Dict[str, Any]:

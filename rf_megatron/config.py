@@ -7,6 +7,7 @@ Megatron-Core's `TransformerConfig`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -227,6 +228,14 @@ class OptimConfig:
     lr_wsd_decay_steps: Optional[int] = None  # WSD: length of the final decay phase
 
     def validate(self) -> None:
+        for name in ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"optim.{name}={value} must be a finite number >= 0")
+        if not (self.adam_beta1 < 1 and self.adam_beta2 < 1):
+            raise ConfigError(f"optim: adam_beta1 ({self.adam_beta1}) and adam_beta2 ({self.adam_beta2}) must be < 1")
+        if self.lr_warmup_steps < 0:
+            raise ConfigError(f"optim.lr_warmup_steps={self.lr_warmup_steps} must be >= 0")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"optim: need 0 <= min_lr ({self.min_lr}) <= lr ({self.lr}) and lr > 0")
         if self.lr_decay_style not in ("cosine", "WSD", "linear", "constant"):

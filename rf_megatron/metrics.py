@@ -6,21 +6,25 @@ only when an API key is configured (never blocking on a network that is not ther
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 
 class MetricsLogger:
     def __init__(self, run_dir, run_name: str, config: Dict[str, Any], enabled: bool,
-                 wandb_project: Optional[str] = None, tensorboard: bool = False):
+                 wandb_project: Optional[str] = None, tensorboard: bool = False, resume_step: Optional[int] = None):
+        """`resume_step`: the checkpoint step a resumed run continues from (None: a fresh run)."""
         self.enabled = enabled
         self.jsonl = self.wandb = self.tb = None
         if not enabled:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        continue_curve(run_dir / "metrics.jsonl", resume_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if wandb_project:
             self.wandb = _start_wandb(run_dir, run_name, wandb_project, config)
@@ -49,6 +53,33 @@ class MetricsLogger:
             self.wandb.finish()
         if self.tb is not None:
             self.tb.close()
+
+
+def continue_curve(path: Path, resume_step: Optional[int]) -> None:
+    """One curve per metrics.jsonl: a resumed run drops the rows that the interrupted run logged after its
+    checkpoint (they are logged again, identically); a fresh run moves an earlier run's file aside."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    if resume_step is None:
+        aside = path.with_name(time.strftime("metrics.previous-%Y%m%d-%H%M%S.jsonl"))
+        path.rename(aside)
+        print(f"note: {path} held an earlier run's metrics: moved to {aside.name}", flush=True)
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if _step(line) <= resume_step]
+    if len(keep) < len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
+        print(f"note: {path}: dropped {len(lines) - len(keep)} row(s) logged after step {resume_step} by the "
+              "interrupted run (this run logs those steps again)", flush=True)
+
+
+def _step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a row cut off by a kill: dropped
 
 
 def _start_wandb(run_dir: Path, name: str, project: str, config: Dict[str, Any]):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ class CheckpointConfig:
     save_interval: int = 0  # 0: only at the end (and on exit signals)
     keep_last: int = 2
     resume: bool = True  # resume automatically from the latest checkpoint in dir
+    start_over: bool = False  # a fresh run in a dir with checkpoints: move them aside into previous-<time>/
 
 
 @dataclass
@@ -94,6 +96,14 @@ class RunConfig:
         for name in ("train_steps", "global_batch_size", "micro_batch_size", "log_interval", "eval_steps"):
             if getattr(t, name) <= 0:
                 raise ConfigError(f"train.{name}={getattr(t, name)} must be positive")
+        for path, value in (("train.eval_interval", t.eval_interval), ("train.lambda_log_interval", t.lambda_log_interval),
+                            ("checkpoint.save_interval", self.checkpoint.save_interval),
+                            ("checkpoint.keep_last", self.checkpoint.keep_last)):
+            if value < 0:
+                raise ConfigError(f"{path}={value} must be >= 0 (0 turns it off)")
+        for path, value in (("train.exit_duration_mins", t.exit_duration_mins), ("train.exit_interval", t.exit_interval)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{path}={value} must be positive (or null: off)")
         if self.optim.lr_warmup_steps >= t.train_steps:
             raise ConfigError(f"optim.lr_warmup_steps={self.optim.lr_warmup_steps} must be smaller than "
                               f"train.train_steps={t.train_steps}")

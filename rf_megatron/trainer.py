@@ -14,7 +14,7 @@ import yaml
 
 from . import distopt_fixes
 from .build import build_model, build_optimizer, build_scheduler, init_parallel
-from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpointing import load_checkpoint, save_checkpoint
 from .config import ConfigError
 from .cpu_mode import maybe_enable_cpu_mode_from_env
 from .data import MicrobatchStream, build_train_valid, chunk_iterators, load_tokenizer
@@ -78,8 +78,7 @@ class Trainer(TrainingLoop):
         self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
         if dist.get_rank() == 0:
             save_yaml(cfg, os.path.join(cfg.logging.dir, "config.yaml"))
-        ckpt = cfg.checkpoint
-        if ckpt.dir and ckpt.resume and (path := latest_checkpoint(ckpt.dir)) is not None:
+        if (path := self.find_resume_checkpoint()) is not None:
             train_state = json.loads((path / "train_state.json").read_text())
             if train_state.get("engine", "megatron") != "megatron":
                 raise ConfigError(f"{path} is a {train_state['engine']} checkpoint: resume it with "
@@ -92,7 +91,17 @@ class Trainer(TrainingLoop):
             # Megatron >= 0.19 pairs saved and current param groups by their lr range: load with the
             # checkpoint's, then hand the schedule to the run config (see build_scheduler)
             self._set_lr_range(saved_optim.get("lr", cfg.optim.lr), saved_optim.get("min_lr", cfg.optim.min_lr))
-            state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+            try:
+                state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # a damaged checkpoint: one line, not a stack trace per rank (torch
+                from .checkpoint_dir import older_hint  # DCP's CheckpointException is a BaseException)
+
+                error = ConfigError(f"cannot load {path}: {type(exc).__name__}: "
+                                    f"{(str(exc).strip().splitlines() or [''])[0][:300]}{older_hint(path.parent, before=path)}")
+                error.every_rank = True
+                raise error from None
             self._set_lr_range(cfg.optim.lr, cfg.optim.min_lr)
             self.scheduler.step(increment=0)
             self.step, consumed = state["step"], state["consumed_samples"]
@@ -101,7 +110,7 @@ class Trainer(TrainingLoop):
             self.note_schedule_changes(path)
         self.stream = MicrobatchStream(self.train_ds, t.global_batch_size, t.micro_batch_size, consumed)
         self.metrics = MetricsLogger(cfg.logging.dir, cfg.name, to_dict(cfg), self.writer,
-                                     cfg.logging.wandb_project, cfg.logging.tensorboard)
+                                     cfg.logging.wandb_project, cfg.logging.tensorboard, resume_step=self._saved_step)
         counts = parameter_counts(cfg.model)
         self.flops_per_token = training_flops_per_token(cfg.model)
         self._print(f"{cfg.name}: {cfg.model.variant} ({cfg.model.lambda_mode if cfg.model.variant == 'resformer' else '-'}), "
@@ -170,7 +179,8 @@ class Trainer(TrainingLoop):
             return
         self._saved_step = self.step
         path = save_checkpoint(ckpt.dir, self.step, self.model, self.optimizer, self.scheduler,
-                               {"engine": "megatron", "consumed_samples": self.stream.consumed_samples,
+                               {"engine": "megatron", "run_id": self.run_id,
+                                "consumed_samples": self.stream.consumed_samples,
                                 "distributed_optimizer": self.cfg.parallel.distributed_optimizer},
                                self.config_yaml, ckpt.keep_last)
         self._print(f"saved checkpoint {path}")

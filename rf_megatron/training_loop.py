@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch.distributed as dist
 
@@ -56,6 +56,37 @@ class TrainingLoop:
     def _print(self, msg: str) -> None:
         if dist.get_rank() == 0:
             print(msg, flush=True)
+
+    def find_resume_checkpoint(self) -> Optional[Path]:
+        """The checkpoint this run continues (None: a fresh run), after the checks that keep checkpoints from
+        being lost or misread (rf_megatron/checkpoint_dir.py). Sets `run_id`, the lineage id this run's
+        checkpoints carry (kept across resumes; pruning only ever removes older checkpoints of the same id)."""
+        import dataclasses
+
+        from .checkpoint_dir import (CheckpointError, check_model_unchanged, latest_checkpoint, new_run_id,
+                                     newest_verified, prepare_fresh_run, read_train_state)
+        from .config import ConfigError
+
+        ckpt = self.cfg.checkpoint
+        self.run_id = new_run_id()
+        if not ckpt.dir:
+            return None
+        path = None
+        if ckpt.resume and not ckpt.start_over:
+            try:
+                path = latest_checkpoint(ckpt.dir)
+            except CheckpointError as exc:
+                raise ConfigError(str(exc)) from None
+        if path is None:
+            prepare_fresh_run(ckpt.dir, ckpt.start_over, is_rank0=int(os.environ.get("RANK", "0")) == 0)
+            return None
+        path = newest_verified(ckpt.dir, path, say=_say)
+        if path is None:
+            raise ConfigError(f"no checkpoint in checkpoint.dir={ckpt.dir} matches its checksums (each was moved "
+                              "aside, see above): set checkpoint.start_over=true to start again")
+        check_model_unchanged(path, dataclasses.asdict(self.cfg.model))
+        self.run_id = read_train_state(path).get("run_id")
+        return path
 
     def note_schedule_changes(self, checkpoint) -> None:
         """Say which schedule options differ from the checkpoint's run config (the current ones apply)."""
@@ -111,9 +142,13 @@ class TrainingLoop:
                 if not reason and t.exit_interval and self.step % t.exit_interval == 0:
                     reason = f"exit_interval={t.exit_interval}"
                 if reason and self.step < t.train_steps:
-                    self._print(f"{reason}: saving at step {self.step} and exiting")
-                    self.save()
-                    return {"step": self.step, "stopped": reason}
+                    if ckpt.dir:
+                        self._print(f"{reason}: saving at step {self.step} and exiting")
+                        self.save()
+                    else:
+                        self._print(f"{reason}: exiting at step {self.step} WITHOUT a checkpoint (checkpoint.dir is "
+                                    "not set): a rerun starts from step 0")
+                    return {"step": self.step, "stopped": reason, "saved": bool(ckpt.dir)}
             result["valid_loss"] = self._log_eval()
             self.save()
             self.on_finished()
@@ -143,16 +178,27 @@ class TrainingLoop:
         return loss
 
 
+def _say(msg: str) -> None:
+    """Print on rank 0 (also before a process group exists)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, file=sys.stderr if msg.startswith("warning:") else sys.stdout, flush=True)
+
+
 def run_entry_point(build: Callable[[], "TrainingLoop"]) -> int:
     """What both pretrain/ scripts do: build the trainer (a ConfigError -> one `error:` line, exit 2),
     train, shut down; say how to resume when the run stopped early."""
     from .config import ConfigError
+    from .quiet import silence_known_warnings
 
+    silence_known_warnings()
     try:
         trainer = build()
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        # Config errors are the same on every rank: rank 0 says it. A damaged checkpoint file may fail on
+        # one rank only (the one reading it), while the others wait in a collective: that rank says it.
+        if int(os.environ.get("RANK", "0")) == 0 or getattr(exc, "every_rank", False):
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        _exit_now(2)
     try:
         result = trainer.train()
     except TrainingStopped as exc:  # every rank sees the same (global) loss / grad norm and stops here
@@ -168,7 +214,7 @@ def run_entry_point(build: Callable[[], "TrainingLoop"]) -> int:
         sys.stderr.flush()
         _exit_now(1)
     trainer.close()
-    if "stopped" in result and int(os.environ.get("RANK", "0")) == 0:
+    if "stopped" in result and result.get("saved") and int(os.environ.get("RANK", "0")) == 0:
         print(f"stopped at step {result['step']} ({result['stopped']}); rerun the same command to resume", flush=True)
     return 0
 
@@ -178,6 +224,8 @@ def _exit_now(code: int) -> None:
     multiprocessing Manager would otherwise outlive us, holding the launcher's output pipes open)."""
     import psutil
 
+    sys.stdout.flush()
+    sys.stderr.flush()
     for child in psutil.Process().children(recursive=True):
         try:
             child.kill()

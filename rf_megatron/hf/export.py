@@ -17,6 +17,7 @@ from typing import Dict, Optional
 
 import torch
 
+from ..checkpoint_dir import verify_checkpoint
 from .weights import (AUTO_MAP, RFGPT_FILES, ConversionError, check_exportable, hf_config_kwargs, lambda_table,
                       megatron_to_hf, uses_remote_code)
 
@@ -326,6 +327,9 @@ def export(checkpoint, output, dtype: str = "fp32", max_shard_size="5GB", tokeni
     tok_path = find_tokenizer(cfg, tokenizer)
     train_state = json.loads((it / "train_state.json").read_text())
     check_shard_files(it)
+    problem = verify_checkpoint(it)
+    if problem:
+        raise ConversionError(f"damaged checkpoint: {problem} (manifest.json)")
 
     tmp = _fresh_tmp(output)
     try:

@@ -121,7 +121,7 @@ class DeepSpeedTrainer(TrainingLoop):
         if self.rank == 0:
             save_yaml(cfg, os.path.join(cfg.logging.dir, "config.yaml"))
         self.metrics = MetricsLogger(cfg.logging.dir, cfg.name, to_dict(cfg), self.rank == 0,
-                                     cfg.logging.wandb_project, cfg.logging.tensorboard)
+                                     cfg.logging.wandb_project, cfg.logging.tensorboard, resume_step=self._saved_step)
         self.flops_per_token = training_flops_per_token(cfg.model)
         if cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel > 1:
             self._print(f"note: parallel.* (TP{cfg.parallel.tensor_parallel} x PP{cfg.parallel.pipeline_parallel}) "
@@ -205,19 +205,12 @@ class DeepSpeedTrainer(TrainingLoop):
 
     # --- checkpoints ----------------------------------------------------------------------------
     def _train_state(self) -> dict:
-        return {"engine": "deepspeed", "step": self.step, "consumed_samples": self.stream.consumed_samples,
+        return {"engine": "deepspeed", "run_id": self.run_id, "step": self.step,
+                "consumed_samples": self.stream.consumed_samples,
                 "zero_stage": self.stage, "world_size": self.world}
 
     def _checkpoint_to_resume(self, world: int):
-        from ..checkpointing import CheckpointError, latest_checkpoint
-
-        ckpt = self.cfg.checkpoint
-        if not (ckpt.dir and ckpt.resume):
-            return None
-        try:
-            path = latest_checkpoint(ckpt.dir)
-        except CheckpointError as exc:
-            raise ConfigError(str(exc)) from None
+        path = self.find_resume_checkpoint()
         if path is None:
             return None
         saved = json.loads((path / "train_state.json").read_text())
@@ -240,7 +233,7 @@ class DeepSpeedTrainer(TrainingLoop):
         return state["step"], state["consumed_samples"]
 
     def save(self) -> None:
-        from ..checkpointing import commit
+        from ..checkpoint_dir import commit, write_manifest
 
         ckpt = self.cfg.checkpoint
         if not ckpt.dir or self._saved_step == self.step:
@@ -255,6 +248,9 @@ class DeepSpeedTrainer(TrainingLoop):
         if self.rank == 0:
             (root / tag / "run_config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
             (root / tag / "train_state.json").write_text(json.dumps(self._train_state()))
+        dist.barrier()
+        write_manifest(root / tag)  # every rank hashes its share; rank 0 writes it last
+        if self.rank == 0:
             commit(root, tag, ckpt.keep_last)
         dist.barrier()
         self._print(f"saved checkpoint {root / tag}")

@@ -1,0 +1,254 @@
+"""Checkpoint faults and bad inputs that used to lose or misread data (issue #13): each becomes the right
+behaviour or one `error:` line. One trained run (6 steps, checkpoints at 4 and 6) feeds every trainer case;
+each case works on its own copy of the run directory."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, build_tiny_corpus, free_port
+
+TRAIN = REPO / "pretrain" / "pretrain_resformer.py"
+TRAIN_DS = REPO / "pretrain" / "pretrain_hf_deepspeed.py"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return build_tiny_corpus(tmp_path_factory.mktemp("data"))
+
+
+def overrides(data, run, **extra):
+    base = {
+        "data.paths": f"[{data / 'corpus'}]", "data.tokenizer_model": data / "tok.model",
+        "data.cache_dir": data / "cache", "data.split": "90,10,0",
+        "model.num_layers": 2, "model.hidden_size": 32, "model.num_attention_heads": 2,
+        "model.ffn_hidden_size": 64, "model.vocab_size": 384, "model.seq_length": 32,
+        "model.lambda_mode": "learnable",
+        "train.train_steps": 6, "train.global_batch_size": 4, "train.micro_batch_size": 2,
+        "train.log_interval": 1, "train.eval_interval": 0, "train.eval_steps": 1, "train.lambda_log_interval": 0,
+        "optim.lr_warmup_steps": 1, "optim.lr": 3e-3,
+        "checkpoint.dir": run / "ckpt", "checkpoint.save_interval": 2, "checkpoint.keep_last": 2,
+        "logging.dir": run / "log", "logging.wandb_project": "null", "parallel.tensor_parallel": 1,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def train(data, run, check=True, script=TRAIN, **extra):
+    """One process, launched the way srun launches a task (rendezvous variables, no torchrun in between)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RF_MEGATRON_CPU": "1", "RANK": "0",
+           "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, str(script), "--config", "tiny_cpu", *overrides(data, run, **extra)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def one_error_line(proc) -> str:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return errors[0]
+
+
+def steps_logged(run):
+    rows = [json.loads(line) for line in open(run / "log" / "metrics.jsonl")]
+    return [r["step"] for r in rows if "last_loss" in r]
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained")
+    train(data, run)
+    return run
+
+
+@pytest.fixture
+def copy_of(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    return run
+
+
+def test_the_trained_run_kept_its_last_two_checkpoints(trained):
+    assert sorted(p.name for p in (trained / "ckpt").glob("iter_*")) == ["iter_0000004", "iter_0000006"]
+    assert (trained / "ckpt" / "latest").read_text() == "iter_0000006"
+    states = [json.loads((trained / "ckpt" / n / "train_state.json").read_text()) for n in ("iter_0000004", "iter_0000006")]
+    assert states[0]["run_id"] == states[1]["run_id"] and len(states[0]["run_id"]) == 12
+
+
+def test_a_fresh_run_into_a_used_directory_refuses_and_deletes_nothing(data, copy_of):
+    line = one_error_line(train(data, copy_of, check=False, **{"checkpoint.resume": "false", "train.train_steps": 2}))
+    assert "holds checkpoints of an earlier run (iter_0000004, iter_0000006)" in line and "start_over" in line
+    assert sorted(p.name for p in (copy_of / "ckpt").glob("iter_*")) == ["iter_0000004", "iter_0000006"]
+
+
+def test_start_over_moves_the_old_checkpoints_aside(data, copy_of):
+    proc = train(data, copy_of, **{"checkpoint.start_over": "true", "train.train_steps": 2})
+    assert "moved the earlier checkpoints" in proc.stdout
+    ckpt = copy_of / "ckpt"
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000002"] and (ckpt / "latest").read_text() == "iter_0000002"
+    (aside,) = ckpt.glob("previous-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["iter_0000004", "iter_0000006", "latest"]
+
+
+def test_a_latest_pointer_to_a_missing_directory_is_one_line(data, copy_of):
+    shutil.rmtree(copy_of / "ckpt" / "iter_0000006")
+    line = one_error_line(train(data, copy_of, check=False))
+    assert "latest names iter_0000006, which is incomplete or missing" in line
+    assert "the newest other complete checkpoint is iter_0000004" in line
+
+
+def test_resuming_with_another_model_is_refused_in_one_line_listing_the_changes(data, copy_of):
+    line = one_error_line(train(data, copy_of, check=False, **{"train.train_steps": 8, "model.lambda_mode": "identity",
+                                                              "model.num_layers": 4, "model.seq_length": 16}))
+    assert "was trained with another model: model.num_layers 2 -> 4, model.lambda_mode 'learnable' -> 'identity';" in line
+    assert "seq_length" not in line  # may change on resume
+
+
+def test_kill_between_save_and_latest_resumes_with_one_curve_in_metrics(data, copy_of):
+    """kill -9 after iter_6 was written but before `latest` moved: the run resumes from iter_4; the rows the
+    interrupted run logged for steps 5-6 are dropped and logged again, so metrics.jsonl holds one curve."""
+    (copy_of / "ckpt" / "latest").write_text("iter_0000004")
+    with open(copy_of / "log" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 3.')  # a row cut off by the kill
+    before = {r["step"]: r["last_loss"] for r in map(json.loads, open(copy_of / "log" / "metrics.jsonl").readlines()[:-1])
+              if "last_loss" in r}
+    proc = train(data, copy_of)
+    assert "resumed from" in proc.stdout and re.search(r"dropped \d+ row\(s\) logged after step 4", proc.stdout)
+    assert steps_logged(copy_of) == [1, 2, 3, 4, 5, 6]
+    after = {r["step"]: r["last_loss"] for r in map(json.loads, open(copy_of / "log" / "metrics.jsonl")) if "last_loss" in r}
+    assert after == pytest.approx(before, abs=0)  # resume is exact
+    assert (copy_of / "ckpt" / "latest").read_text() == "iter_0000006"
+
+
+def test_a_stop_without_checkpoint_dir_says_nothing_was_saved(data, tmp_path):
+    proc = train(data, tmp_path, **{"checkpoint.dir": "null", "train.exit_interval": 2})
+    assert "exiting at step 2 WITHOUT a checkpoint" in proc.stdout
+    assert "rerun the same command to resume" not in proc.stdout
+
+
+def test_deepspeed_refuses_a_fresh_run_into_a_used_directory(data, copy_of):
+    line = one_error_line(train(data, copy_of, check=False, script=TRAIN_DS,
+                                **{"checkpoint.resume": "false", "train.train_steps": 2}))
+    assert "holds checkpoints of an earlier run" in line
+
+
+# --- no process launch needed ---------------------------------------------------------------------------
+def make_checkpoint(root, step, run_id):
+    path = root / f"iter_{step:07d}"
+    path.mkdir(parents=True)
+    (path / "train_state.json").write_text(json.dumps({"step": step, "run_id": run_id}))
+    return path
+
+
+def test_pruning_keeps_other_lineages_and_newer_checkpoints(tmp_path):
+    """The old bug: a fresh run's iter_10 next to an older run's iter_20/30 was pruned at once (sorted by name)."""
+    from rf_megatron.checkpoint_dir import commit
+
+    for step in (20, 30):
+        make_checkpoint(tmp_path, step, "older")
+    for step in (2, 4, 6, 10):
+        make_checkpoint(tmp_path, step, "mine")
+    commit(tmp_path, "iter_0000010", keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == [
+        "iter_0000006", "iter_0000010", "iter_0000020", "iter_0000030"]
+    assert (tmp_path / "latest").read_text() == "iter_0000010"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=.nan", "optim.lr=nan must be a finite number >= 0"),
+    ("optim.weight_decay=-1", "optim.weight_decay=-1.0 must be a finite number >= 0"),
+    ("train.eval_interval=-5", "train.eval_interval=-5 must be >= 0"),
+    ("checkpoint.save_interval=-2", "checkpoint.save_interval=-2 must be >= 0"),
+    ("train.exit_duration_mins=-1", "train.exit_duration_mins=-1.0 must be positive"),
+    ("train.exit_interval=0", "train.exit_interval=0 must be positive"),
+])
+def test_out_of_range_options_are_refused(override, message):
+    from rf_megatron.config import ConfigError
+    from rf_megatron.run_config import load_run_config
+
+    cfg = load_run_config("tiny_cpu", [override, "data.paths=[x]", "data.tokenizer_model=tok.model"])
+    with pytest.raises(ConfigError) as err:
+        cfg.validate(2)
+    assert str(err.value).startswith(message)
+
+
+def test_a_damaged_latest_pointer_is_one_line_naming_the_checkpoint_to_use(data, copy_of):
+    (copy_of / "ckpt" / "latest").write_bytes(b"\x00\xffnot a checkpoint\n")
+    line = one_error_line(train(data, copy_of, check=False, **{"train.train_steps": 8}))
+    assert "latest does not name a checkpoint" in line and "echo iter_0000006 >" in line, line
+
+
+def damage_newest(copy_of, damage="truncated_distcp"):
+    newest = copy_of / "ckpt" / "iter_0000006"
+    if damage == "truncated_distcp":
+        shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+        return shard.name
+    (newest / ".metadata").unlink()
+    return ".metadata"
+
+
+def test_a_truncated_shard_is_named_and_the_run_falls_back_to_the_previous_checkpoint(data, copy_of):
+    name = damage_newest(copy_of, "truncated_distcp")
+    proc = train(data, copy_of)
+    assert f"iter_0000006/{name}" in proc.stderr and "falling back to iter_0000004" in proc.stderr, proc.stderr
+    assert "resumed from" in proc.stdout and "iter_0000004 at step 4" in proc.stdout
+    assert steps_logged(copy_of) == [1, 2, 3, 4, 5, 6] and "Traceback" not in proc.stderr
+
+
+def test_a_damaged_checkpoint_without_manifest_is_one_line(data, copy_of):
+    """Checkpoints written before manifests existed: the load error is one line naming the checkpoint to use."""
+    for path in (copy_of / "ckpt").glob("iter_*/manifest.json"):
+        path.unlink()
+    damage_newest(copy_of, "truncated_distcp")
+    line = one_error_line(train(data, copy_of, check=False))
+    assert "cannot load" in line and "iter_0000006" in line and "echo iter_0000004 >" in line, line
+
+
+def test_a_flipped_byte_is_caught_and_the_run_falls_back_to_the_newest_good_checkpoint(data, copy_of):
+    """One float changed inside a .distcp used to load silently (and the next save pruned the clean one)."""
+    newest = copy_of / "ckpt" / "iter_0000006"
+    manifest = json.loads((newest / "manifest.json").read_text())["files"]
+    assert {"train_state.json", "run_config.yaml", ".metadata"} <= set(manifest)
+    shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    shard.write_bytes(bytes(raw))
+    before = {r["step"]: r["last_loss"] for r in map(json.loads, open(copy_of / "log" / "metrics.jsonl"))
+              if "last_loss" in r}
+    proc = train(data, copy_of)
+    assert f"{shard.name} does not match its checksum" in proc.stderr and "falling back to iter_0000004" in proc.stderr
+    assert "resumed from" in proc.stdout and "iter_0000004 at step 4" in proc.stdout
+    after = {r["step"]: r["last_loss"] for r in map(json.loads, open(copy_of / "log" / "metrics.jsonl")) if "last_loss" in r}
+    assert after == before  # steps 5-6 trained again from the clean checkpoint: the same losses
+    assert len(list((copy_of / "ckpt").glob("corrupt-iter_0000006-*"))) == 1
+
+
+def test_the_exporter_refuses_a_damaged_checkpoint(copy_of):
+    newest = copy_of / "ckpt" / "iter_0000006"
+    (newest / "run_config.yaml").write_text((newest / "run_config.yaml").read_text() + "\n")
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint_to_hf.py"), "--checkpoint",
+                           str(copy_of / "ckpt"), "--output", str(copy_of / "hf")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode != 0 and "run_config.yaml has" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_verification_names_a_missing_file_and_a_pointer_that_names_nothing(tmp_path):
+    from rf_megatron.checkpoint_dir import CheckpointError, latest_checkpoint, verify_checkpoint, write_manifest
+
+    ckpt = make_checkpoint(tmp_path, 6, "mine")
+    (ckpt / ".metadata").write_bytes(b"meta")
+    write_manifest(ckpt)
+    assert verify_checkpoint(ckpt) is None
+    (ckpt / ".metadata").unlink()
+    assert verify_checkpoint(ckpt) == f"{ckpt / '.metadata'} is missing"
+    for pointer in (b"", b"../../etc", b"iter_12x"):
+        (tmp_path / "latest").write_bytes(pointer)
+        with pytest.raises(CheckpointError, match="latest does not name a checkpoint"):
+            latest_checkpoint(tmp_path)
