@@ -4,6 +4,9 @@ import pytest
 from rf_megatron.config import ConfigError, ModelConfig, ParallelConfig, build_transformer_config, replace
 
 
+
+pytestmark = pytest.mark.mcore_api  # every Megatron-Core version runs these (.ci/run)
+
 def error_of(model=None, parallel=None, world_size=None):
     parallel = parallel or ParallelConfig()
     with pytest.raises(ConfigError) as info:

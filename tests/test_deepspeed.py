@@ -99,6 +99,7 @@ def megatron_runs(data, initial, tmp_path_factory):
     return out
 
 
+@pytest.mark.mcore_api
 @pytest.mark.parametrize("variant", list(MODELS))
 def test_zero2_on_two_processes_follows_the_megatron_loss_curve(variant, data, initial, megatron_runs, tmp_path):
     torchrun(DS, 2, "--deepspeed", "zero2", "--from-hf", initial[variant], *overrides(data, tmp_path, **MODELS[variant]))
@@ -172,6 +173,7 @@ def test_resume_reproduces_the_uninterrupted_curve(stage, data, tmp_path):
     assert (tmp_path / "cut" / "hf" / "config.json").exists()
 
 
+@pytest.mark.mcore_api
 def test_megatron_export_finetune_export_loads_with_automodel(data, megatron_runs, tmp_path):
     """Megatron-trained ResFormer (learnable lambdas) -> HF -> ZeRO-3 fine-tune -> HF -> generate."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

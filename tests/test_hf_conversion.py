@@ -113,6 +113,7 @@ def load_hf(folder, **kwargs):
 # --------------------------------------------------------------------------------------------------
 # Megatron -> HF
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.mcore_api
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_hf_logits_match_megatron(variant, exported, tokens):
     folder, want = exported[variant]
@@ -127,6 +128,7 @@ def test_hf_logits_match_megatron(variant, exported, tokens):
         assert type(model).__name__ == "RFGPTForCausalLM"
 
 
+@pytest.mark.mcore_api
 def test_single_process_load_fills_every_parameter(trained, megatron_single_rank):
     """{"model0": TP1PP1 sharded_state_dict} of a TP2 x PP2 checkpoint loads every tensor."""
     from rf_megatron.config import ParallelConfig, build_transformer_config
@@ -146,6 +148,7 @@ def test_single_process_load_fills_every_parameter(trained, megatron_single_rank
     assert abs(float(lam2) - 0.5) > 0.05  # the perturbed value, not the init
 
 
+@pytest.mark.mcore_api
 @pytest.mark.parametrize("case", [
     dict(variant="vanilla", qk_layernorm=True),
     dict(variant="vanilla", untie_embeddings_and_output_weights=False),
@@ -204,6 +207,7 @@ def test_folder_contents_tokenizer_and_model_card(exported, data):
     assert not [p for p in folder.parent.iterdir() if ".tmp-" in p.name]  # nothing half-written left
 
 
+@pytest.mark.mcore_api
 def test_cli_bf16_export_verifies_against_megatron(trained, tmp_path):
     from safetensors import safe_open
 
@@ -250,6 +254,7 @@ def foreign_llama(tmp_path_factory):
     return folder
 
 
+@pytest.mark.mcore_api
 @pytest.mark.parametrize("variant", ["learnable_plus", "svformer_gqa"])
 def test_round_trip_hf_checkpoint_hf_is_identical(variant, exported, round_trips):
     from rf_megatron.hf.safetensors_io import load_hf_weights
@@ -265,6 +270,7 @@ def test_round_trip_hf_checkpoint_hf_is_identical(variant, exported, round_trips
     assert json.loads((back / "config.json").read_text()) == json.loads((exported[variant][0] / "config.json").read_text())
 
 
+@pytest.mark.mcore_api
 def test_foreign_llama_round_trip_with_tied_embeddings(foreign_llama, data, tmp_path):
     """transformers' own Llama folder -> TP1 x PP2 checkpoint (the last stage holds the tied output
     copy) -> HF: same tensors, same config essentials, native LlamaForCausalLM again."""
@@ -286,6 +292,7 @@ def test_foreign_llama_round_trip_with_tied_embeddings(foreign_llama, data, tmp_
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
 
 
+@pytest.mark.mcore_api
 def test_trainer_resumes_from_converted_checkpoint(round_trips, data, tmp_path):
     """The converted TP1 x PP2 x VPP2 checkpoint resumes in the trainer (here as TP2), optimizer fresh."""
     ckpt, _ = round_trips["learnable_plus"]
@@ -301,6 +308,7 @@ def test_trainer_resumes_from_converted_checkpoint(round_trips, data, tmp_path):
     assert (tmp_path / "ckpt" / "latest").read_text() == "iter_0000002"
 
 
+@pytest.mark.mcore_api
 def test_fresh_step_sentinel_gives_a_fresh_adamw_update():
     """The converter saves Adam's step as 1e-30 (Megatron drops a step of 0): bit-identical updates."""
     from rf_megatron.hf.save_worker import FRESH_STEP

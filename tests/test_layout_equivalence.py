@@ -10,6 +10,9 @@ import torch
 
 from conftest import torchrun
 
+
+pytestmark = pytest.mark.mcore_api  # every Megatron-Core version runs these (.ci/run)
+
 SCRIPT = Path(__file__).parent / "dist" / "layout_run.py"
 VARIANTS = ["vanilla", "identity", "constant", "learnable", "learnable_plus", "sparse", "svformer",
             "svformer_gqa"]

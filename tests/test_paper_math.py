@@ -11,6 +11,9 @@ from rf_megatron.config import ModelConfig, ParallelConfig, build_transformer_co
 SEQ, VOCAB = 12, 96
 
 
+
+pytestmark = pytest.mark.mcore_api  # every Megatron-Core version runs these (.ci/run)
+
 def rms_norm(x, w, eps=1e-5):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 

@@ -6,6 +6,9 @@ from rf_megatron.config import ModelConfig, ParallelConfig, build_transformer_co
 L, H, HEADS = 4, 64, 4
 
 
+
+pytestmark = pytest.mark.mcore_api  # every Megatron-Core version runs these (.ci/run)
+
 def count(megatron, **kw):
     from rf_megatron.model import build_model_chunks
 

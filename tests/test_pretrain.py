@@ -63,6 +63,7 @@ def uninterrupted(data, tmp_path_factory):
     return run
 
 
+@pytest.mark.mcore_api
 def test_jsonl_holds_every_log_step(uninterrupted):
     rows = [json.loads(line) for line in open(uninterrupted / "log" / "metrics.jsonl")]
     assert sorted(losses(uninterrupted)) == list(range(1, STEPS + 1))
@@ -73,6 +74,7 @@ def test_jsonl_holds_every_log_step(uninterrupted):
     assert [r["step"] for r in lambdas] == [4, 8, 12] and "lambda2/layer4" in lambdas[0]
 
 
+@pytest.mark.mcore_api
 def test_training_reduces_the_loss(uninterrupted):
     curve = losses(uninterrupted)
     assert curve[STEPS] < curve[1] - 0.5
@@ -109,6 +111,7 @@ def wandb_history(run_file):
     return rows
 
 
+@pytest.mark.mcore_api
 def test_wandb_offline_run_holds_the_metrics(uninterrupted):
     runs = list((uninterrupted / "log" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -118,6 +121,7 @@ def test_wandb_offline_run_holds_the_metrics(uninterrupted):
     assert "valid_loss" in rows[-1] and "lambda1/layer3" in rows[3]
 
 
+@pytest.mark.mcore_api
 def test_resolved_config_saved_with_run_and_checkpoint(uninterrupted):
     import yaml
 
@@ -126,6 +130,7 @@ def test_resolved_config_saved_with_run_and_checkpoint(uninterrupted):
     assert run_cfg == ckpt_cfg and run_cfg["model"]["hidden_size"] == 64
 
 
+@pytest.mark.mcore_api
 def test_resume_same_layout_is_bitwise(data, uninterrupted, tmp_path):
     train(data, tmp_path, **{"train.exit_interval": 5})
     assert (tmp_path / "ckpt" / "latest").read_text() == "iter_0000005"
@@ -135,6 +140,7 @@ def test_resume_same_layout_is_bitwise(data, uninterrupted, tmp_path):
     assert [got[s] for s in range(6, STEPS + 1)] == [want[s] for s in range(6, STEPS + 1)]
 
 
+@pytest.mark.mcore_api
 @pytest.mark.parametrize("before,after", [
     ({}, {"parallel.tensor_parallel": 1, "parallel.pipeline_parallel": 2}),
     ({"parallel.distributed_optimizer": "true"}, {"parallel.tensor_parallel": 1, "parallel.distributed_optimizer": "true"}),
@@ -147,6 +153,7 @@ def test_resume_into_another_layout(data, uninterrupted, tmp_path, before, after
         assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), step
 
 
+@pytest.mark.mcore_api
 def test_distributed_optimizer_resume_is_bitwise(data, tmp_path):
     dp = {"parallel.tensor_parallel": 1, "parallel.distributed_optimizer": "true"}
     train(data, tmp_path / "full", **dp)
@@ -156,6 +163,7 @@ def test_distributed_optimizer_resume_is_bitwise(data, tmp_path):
     assert [got[s] for s in range(6, STEPS + 1)] == [want[s] for s in range(6, STEPS + 1)]
 
 
+@pytest.mark.mcore_api
 def test_extending_a_finished_run_follows_the_new_schedule(data, uninterrupted, tmp_path):
     """Resume the finished 12-step run with train.train_steps=16: the cosine decay now ends at 16
     (the checkpoint's 12-step schedule would pin the LR at min_lr), and the change is announced."""
@@ -238,6 +246,7 @@ def test_kill_during_save_keeps_previous_checkpoint(data, uninterrupted, tmp_pat
     assert [got[s] for s in range(5, STEPS + 1)] == [want[s] for s in range(5, STEPS + 1)]
 
 
+@pytest.mark.mcore_api
 def test_svformer_checkpoint_reshards_across_layouts(data, tmp_path):
     """SVFormer's layer 1 has V rows and the others do not: its QKV is checkpointed per layer."""
     svformer = {"model.variant": "svformer", "model.num_query_groups": 2, "model.lambda_mode": "identity"}

@@ -339,7 +339,7 @@ def test_end_to_end_isoflop_sweep(data, tmp_path):
           "model.vocab_size=320", "model.seq_length=64", "train.global_batch_size=8", "train.micro_batch_size=8",
           "train.eval_interval=0", "train.eval_steps=1", "parallel.tensor_parallel=1", "logging.wandb_project=null")
     t_plan = time.time()
-    out = _tool("scaling_run_local.py", sweep, "--nproc", 1).stdout
+    out = _tool("scaling_run_local.py", sweep, "--nproc", 1, "--jobs", 2).stdout
     t_runs = time.time()
     assert "12 ran, 0 already finished, 0 failed" in out, out
     again = _tool("scaling_run_local.py", sweep, "--nproc", 1).stdout

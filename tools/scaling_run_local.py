@@ -23,10 +23,14 @@ def main(argv=None) -> int:
     p.add_argument("--nproc", type=int, default=1, help="processes per run")
     p.add_argument("--launcher", choices=("auto", "python", "torchrun"), default="auto",
                    help="auto: python for --nproc 1, torchrun otherwise")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time (with GPUs each gets its own --nproc devices via CUDA_VISIBLE_DEVICES)")
     p.add_argument("--only", help="run only lines whose run name contains this")
     p.add_argument("--dry-run", action="store_true", help="print the commands")
     a = p.parse_args(argv)
-    outcomes = run_sweep(a.sweep, a.nproc, a.launcher, a.only, a.dry_run)
+    if a.jobs < 1:
+        p.error("--jobs must be >= 1")
+    outcomes = run_sweep(a.sweep, a.nproc, a.launcher, a.only, a.dry_run, jobs=a.jobs)
     failed = [o.name for o in outcomes if o.status == "failed"]
     done = sum(o.status == "finished" for o in outcomes)
     skipped = sum(o.status == "skipped" for o in outcomes)

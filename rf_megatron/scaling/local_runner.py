@@ -1,4 +1,5 @@
-"""Run a sweep file on this machine, one run after the other, skipping runs already finished.
+"""Run a sweep file on this machine, `--jobs` runs at a time (default one after the other), skipping runs
+already finished.
 
 The launch is the one a SLURM array task makes (`pretrain/pretrain_resformer.py --config <line>`),
 under torchrun for several processes, or as a plain single process (with the rendezvous
@@ -55,8 +56,14 @@ class Outcome:
 
 
 def run_sweep(sweep_file, nproc: int = 1, launcher: str = "auto", only: Optional[str] = None,
-              dry_run: bool = False, env: Optional[dict] = None, echo=print) -> List[Outcome]:
-    outcomes = []
+              dry_run: bool = False, env: Optional[dict] = None, echo=print, jobs: int = 1) -> List[Outcome]:
+    """Run the sweep's unfinished lines, `jobs` at a time (each in its own slot of `nproc` devices:
+    CUDA_VISIBLE_DEVICES is set per slot when jobs > 1)."""
+    import queue
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    outcomes, todo = [], []
     lines = run_lines(sweep_file)
     for i, line in enumerate(lines):
         cfg = load_line(line)
@@ -66,20 +73,39 @@ def run_sweep(sweep_file, nproc: int = 1, launcher: str = "auto", only: Optional
             echo(f"[{i + 1}/{len(lines)}] {cfg.name}: finished, skipping")
             outcomes.append(Outcome(cfg.name, "skipped"))
             continue
-        argv, extra = command(line, nproc, launcher)
         if dry_run:
-            echo(" ".join(argv))
+            echo(" ".join(command(line, nproc, launcher)[0]))
             continue
-        log = Path(cfg.logging.dir) / "stdout.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        start = time.time()
-        with open(log, "a") as out:
-            proc = subprocess.run(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-                                       **(env or {}), **extra})
-        seconds = time.time() - start
-        ok = proc.returncode == 0 and is_finished(cfg.logging.dir, cfg.train.train_steps)
-        echo(f"[{i + 1}/{len(lines)}] {cfg.name}: {'finished' if ok else f'FAILED (exit {proc.returncode}, see {log})'}"
-             f" in {seconds:.1f}s")
-        outcomes.append(Outcome(cfg.name, "finished" if ok else "failed", seconds, str(log)))
+        todo.append((i, line, cfg))
+
+    slots: "queue.Queue[int]" = queue.Queue()
+    for slot in range(max(jobs, 1)):
+        slots.put(slot)
+    lock = threading.Lock()
+
+    def run_one(i, line, cfg):
+        slot = slots.get()
+        try:
+            argv, extra = command(line, nproc, launcher)
+            if jobs > 1:
+                extra = {**extra, "CUDA_VISIBLE_DEVICES": ",".join(str(slot * nproc + d) for d in range(nproc))}
+            log = Path(cfg.logging.dir) / "stdout.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            start = time.time()
+            with open(log, "a") as out:
+                proc = subprocess.run(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                      env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                                           **(env or {}), **extra})
+            seconds = time.time() - start
+            ok = proc.returncode == 0 and is_finished(cfg.logging.dir, cfg.train.train_steps)
+            with lock:
+                echo(f"[{i + 1}/{len(lines)}] {cfg.name}: "
+                     f"{'finished' if ok else f'FAILED (exit {proc.returncode}, see {log})'} in {seconds:.1f}s")
+                outcomes.append(Outcome(cfg.name, "finished" if ok else "failed", seconds, str(log)))
+        finally:
+            slots.put(slot)
+
+    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+        for future in [pool.submit(run_one, *item) for item in todo]:
+            future.result()
     return outcomes
