@@ -104,7 +104,10 @@ def check_model_unchanged(checkpoint: Path, model_now: Dict) -> None:
     """Refuse resuming with a model section that changes the parameters or the math, in one line."""
     import yaml
 
-    saved = (yaml.safe_load((Path(checkpoint) / "run_config.yaml").read_text()) or {}).get("model") or {}
+    config = Path(checkpoint) / "run_config.yaml"
+    if not config.exists():  # written by hand or by a tool: nothing to compare
+        return
+    saved = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
     changed = [f"model.{key} {saved[key]!r} -> {value!r}" for key, value in model_now.items()
                if key in saved and saved[key] != value and key not in MODEL_OPTIONS_FREE_ON_RESUME]
     if changed:
@@ -192,7 +195,7 @@ def write_manifest(path: Path) -> None:
     mine = {name: {"bytes": (path / name).stat().st_size, "sha256": file_digest(path / name)}
             for name in _my_share(checkpoint_files(path))}
     files = _gather(mine)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0:
         tmp = path / f"{MANIFEST}.tmp"
         tmp.write_text(json.dumps({"files": dict(sorted(files.items()))}, indent=1))
         tmp.replace(path / MANIFEST)
@@ -226,7 +229,7 @@ def newest_verified(root, start: Path, say) -> Optional[Path]:
     Returns None when none verifies. Rank 0 moves directories and rewrites `latest`."""
     import torch.distributed as dist
 
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    rank0 = dist.get_rank() == 0 if dist.is_initialized() else int(os.environ.get("RANK", "0")) == 0
     candidates = [p for p in complete_checkpoints(root) if step_of(p) <= step_of(start)][::-1]
     for i, path in enumerate(candidates):
         problem = verify_checkpoint(path)

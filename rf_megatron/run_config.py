@@ -60,7 +60,7 @@ class LoggingConfig:
     dir: str = "runs/default"  # resolved config, metrics.jsonl, tensorboard, wandb
     wandb_project: Optional[str] = None  # online when a key is configured, else offline
     tensorboard: bool = False
-    peak_tflops: float = 989.0  # per device, for MFU (H100 SXM bf16 dense)
+    peak_tflops: Optional[float] = None  # per device, for MFU; null: looked up from the GPU (rf_megatron/device_peak.py)
 
 
 @dataclass

@@ -118,18 +118,21 @@ class TrainingLoop:
         t, ckpt = self.cfg.train, self.cfg.checkpoint
         signals = ExitSignals(max_minutes=t.exit_duration_mins) if t.exit_on_signal or t.exit_duration_mins else None
         tokens_per_step = t.global_batch_size * self.cfg.model.seq_length
-        window_loss, window_steps, window_start = 0.0, 0, time.time()
+        # tokens/s and MFU count the training steps' own time: evaluation, checkpoints and logging are excluded
+        window_loss, window_steps, window_seconds = 0.0, 0, 0.0
         result = {}
         try:
             while self.step < t.train_steps:
-                loss, grad_norm, _ = self.train_step()
+                step_start = time.time()
+                loss, grad_norm, _ = self.train_step()  # returns host floats: the step has finished
+                window_seconds += time.time() - step_start
                 self.step += 1
                 if math.isfinite(loss):
                     window_loss, window_steps = window_loss + loss, window_steps + 1
                 if self.step % t.log_interval == 0 or self.step == t.train_steps:
                     self._log_train(loss, grad_norm, window_loss / max(window_steps, 1), window_steps,
-                                    time.time() - window_start, tokens_per_step)
-                    window_loss, window_steps, window_start = 0.0, 0, time.time()
+                                    window_seconds, tokens_per_step)
+                    window_loss, window_steps, window_seconds = 0.0, 0, 0.0
                 if t.lambda_log_interval and self.step % t.lambda_log_interval == 0:
                     lambdas = self.lambdas()
                     if lambdas:
@@ -163,19 +166,34 @@ class TrainingLoop:
         tokens_per_s = steps * tokens_per_step / max(seconds, 1e-9)
         tflops = tokens_per_s * self.flops_per_token / dist.get_world_size() / 1e12
         lr = self.current_lr()
+        if not hasattr(self, "_peak_tflops"):
+            from .device_peak import peak_tflops
+
+            self._peak_tflops = peak_tflops(self.cfg.logging.peak_tflops, fp8=bool(self.cfg.parallel.fp8))
+        mfu = tflops / self._peak_tflops if self._peak_tflops else None
         metrics = {"loss": mean_loss, "last_loss": loss, "lr": lr, "grad_norm": grad_norm,
                    "tokens_per_s": tokens_per_s, "tflops_per_device": tflops,
-                   "mfu": tflops / self.cfg.logging.peak_tflops, "consumed_samples": self.stream.consumed_samples}
+                   "mfu": mfu, "consumed_samples": self.stream.consumed_samples, **_peak_memory()}
         self.metrics.log(self.step, metrics, console=(
             f"step {self.step:>6}/{self.cfg.train.train_steps} | loss {mean_loss:.4f} | lr {lr:.3e} | "
             f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | {tflops:.3f} TFLOP/s/device | "
-            f"MFU {100 * metrics['mfu']:.2f}%"))
+            f"MFU {f'{100 * mfu:.2f}%' if mfu is not None else 'n/a'}"))
 
     def _log_eval(self) -> float:
         loss = self.evaluate()
         self.metrics.log(self.step, {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50))},
                          console=f"step {self.step:>6} | validation loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f}")
         return loss
+
+
+def _peak_memory() -> Dict[str, float]:
+    """Peak GPU memory of this process so far (GiB), on GPU only."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_mem_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_mem_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
 
 
 def _say(msg: str) -> None:
@@ -198,7 +216,7 @@ def run_entry_point(build: Callable[[], "TrainingLoop"]) -> int:
         # one rank only (the one reading it), while the others wait in a collective: that rank says it.
         if int(os.environ.get("RANK", "0")) == 0 or getattr(exc, "every_rank", False):
             print(f"error: {exc}", file=sys.stderr, flush=True)
-        _exit_now(2)
+        return 2
     try:
         result = trainer.train()
     except TrainingStopped as exc:  # every rank sees the same (global) loss / grad norm and stops here
