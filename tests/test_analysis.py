@@ -65,12 +65,14 @@ def checkpoints(data, tmp_path_factory):
     runs = {"vanilla": ("vanilla", 1, {}), "resformer": ("resformer", 1, {}),
             "resformer_tp2": ("resformer", 2, {}),  # same seed and data: the TP1 run's weights up to ~1e-6
             "svformer": ("svformer", 1, {"model.num_query_groups": 2})}  # GQA in the recompute too
-    out = {}
-    for label, (variant, nproc, extra) in runs.items():
-        ok, log = _train(data, root / label, variant, nproc, **extra)
-        assert ok, log[-4000:]
-        out[label] = root / label / "ckpt"
-    return out
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two CPU processes at a time (the TP2 run is one launch)
+        results = dict(zip(runs, pool.map(lambda item: _train(data, root / item[0], item[1][0], item[1][1], **item[1][2]),
+                                          runs.items())))
+    for label, (ok, log) in results.items():
+        assert ok, f"{label}: {log[-4000:]}"
+    return {label: root / label / "ckpt" for label in runs}
 
 
 def _analyze(data, out_dir, *checkpoints, check=True):

@@ -99,7 +99,6 @@ def megatron_runs(data, initial, tmp_path_factory):
     return out
 
 
-@pytest.mark.mcore_api
 @pytest.mark.parametrize("variant", list(MODELS))
 def test_zero2_on_two_processes_follows_the_megatron_loss_curve(variant, data, initial, megatron_runs, tmp_path):
     torchrun(DS, 2, "--deepspeed", "zero2", "--from-hf", initial[variant], *overrides(data, tmp_path, **MODELS[variant]))
@@ -152,7 +151,8 @@ def test_deepspeed_launcher_with_a_user_json_and_a_fresh_model(data, tmp_path):
     assert not (tmp_path / "hf" / "modeling_rfgpt.py").exists()
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+# ZeRO-3 in the default tier; ZeRO-2 (the same resume code, DeepSpeed partitions less) in the slow tier
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_resume_reproduces_the_uninterrupted_curve(stage, data, tmp_path):
     args = ["--deepspeed", f"zero{stage}"]
     torchrun(DS, 2, *args, *overrides(data, tmp_path / "full"))
@@ -174,7 +174,6 @@ def test_resume_reproduces_the_uninterrupted_curve(stage, data, tmp_path):
     assert (tmp_path / "cut" / "hf" / "config.json").exists()
 
 
-@pytest.mark.mcore_api
 def test_megatron_export_finetune_export_loads_with_automodel(data, megatron_runs, tmp_path):
     """Megatron-trained ResFormer (learnable lambdas) -> HF -> ZeRO-3 fine-tune -> HF -> generate."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -148,7 +148,6 @@ def test_single_process_load_fills_every_parameter(trained, megatron_single_rank
     assert abs(float(lam2) - 0.5) > 0.05  # the perturbed value, not the init
 
 
-@pytest.mark.mcore_api
 @pytest.mark.parametrize("case", [
     dict(variant="vanilla", qk_layernorm=True),
     dict(variant="vanilla", untie_embeddings_and_output_weights=False),
@@ -207,7 +206,6 @@ def test_folder_contents_tokenizer_and_model_card(exported, data):
     assert not [p for p in folder.parent.iterdir() if ".tmp-" in p.name]  # nothing half-written left
 
 
-@pytest.mark.mcore_api
 def test_cli_bf16_export_verifies_against_megatron(trained, tmp_path):
     from safetensors import safe_open
 
@@ -270,7 +268,6 @@ def test_round_trip_hf_checkpoint_hf_is_identical(variant, exported, round_trips
     assert json.loads((back / "config.json").read_text()) == json.loads((exported[variant][0] / "config.json").read_text())
 
 
-@pytest.mark.mcore_api
 def test_foreign_llama_round_trip_with_tied_embeddings(foreign_llama, data, tmp_path):
     """transformers' own Llama folder -> TP1 x PP2 checkpoint (the last stage holds the tied output
     copy) -> HF: same tensors, same config essentials, native LlamaForCausalLM again."""
@@ -292,7 +289,6 @@ def test_foreign_llama_round_trip_with_tied_embeddings(foreign_llama, data, tmp_
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
 
 
-@pytest.mark.mcore_api
 def test_trainer_resumes_from_converted_checkpoint(round_trips, data, tmp_path):
     """The converted TP1 x PP2 x VPP2 checkpoint resumes in the trainer (here as TP2), optimizer fresh."""
     ckpt, _ = round_trips["learnable_plus"]

@@ -329,6 +329,7 @@ def _tool(name, *args, env=None, check=True):
     return proc
 
 
+@pytest.mark.slow  # 12 real training runs (~100 s); each step has its own tests above
 def test_end_to_end_isoflop_sweep(data, tmp_path):
     t0 = time.time()
     sweep, runs = tmp_path / "sweep.txt", tmp_path / "runs"
