@@ -34,6 +34,20 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def is_rank0() -> bool:
+    """Rank 0 of the process group, or by the launcher's RANK before the group exists."""
+    import torch.distributed as dist
+
+    return (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0
+
+
+def point_latest(root: Path, name: str) -> None:
+    """Rewrite `latest` atomically (write + rename)."""
+    pointer = Path(root) / f"{LATEST}.tmp"
+    pointer.write_text(name)
+    pointer.replace(Path(root) / LATEST)
+
+
 def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
@@ -78,7 +92,7 @@ def older_hint(root, before: Optional[Path] = None) -> str:
     return f"; the newest other complete checkpoint is {older[-1].name}: to resume from it, echo {older[-1].name} > {Path(root) / LATEST}"
 
 
-def prepare_fresh_run(root, start_over: bool, is_rank0: bool) -> None:
+def prepare_fresh_run(root, start_over: bool, rank0: bool) -> None:
     """Before a run that does not resume: refuse a directory holding checkpoints, or (start_over) move
     them aside. Every rank checks (same shared filesystem, same answer); only rank 0 moves."""
     root = Path(root)
@@ -91,7 +105,7 @@ def prepare_fresh_run(root, start_over: bool, is_rank0: bool) -> None:
         raise ConfigError(f"checkpoint.dir={root} holds checkpoints of an earlier run ({names}) that this run would not "
                           f"resume ({why}): resume them (checkpoint.resume=true), point checkpoint.dir elsewhere, or "
                           "set checkpoint.start_over=true to move them aside (nothing is deleted)")
-    if is_rank0:
+    if rank0:
         aside = root / time.strftime("previous-%Y%m%d-%H%M%S")
         aside.mkdir()
         for item in [*root.glob("iter_*"), root / LATEST]:
@@ -118,9 +132,7 @@ def check_model_unchanged(checkpoint: Path, model_now: Dict) -> None:
 def commit(root: Path, name: str, keep_last: int) -> None:
     """Point `latest` at the finished checkpoint `name` (write + rename) and drop older ones of the
     same lineage (rank 0)."""
-    pointer = root / f"{LATEST}.tmp"
-    pointer.write_text(name)
-    pointer.replace(root / LATEST)
+    point_latest(root, name)
     _fsync_dir(root)
     prune(root, root / name, keep_last)
 
@@ -189,13 +201,11 @@ def _gather(part: Dict) -> Dict:
 def write_manifest(path: Path) -> None:
     """Hash the checkpoint's files (every rank its share) and write manifest.json (rank 0, last). Call on
     every rank once all files are written."""
-    import torch.distributed as dist
-
     path = Path(path)
     mine = {name: {"bytes": (path / name).stat().st_size, "sha256": file_digest(path / name)}
             for name in _my_share(checkpoint_files(path))}
     files = _gather(mine)
-    if (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0:
+    if is_rank0():
         tmp = path / f"{MANIFEST}.tmp"
         tmp.write_text(json.dumps({"files": dict(sorted(files.items()))}, indent=1))
         tmp.replace(path / MANIFEST)
@@ -229,15 +239,13 @@ def newest_verified(root, start: Path, say) -> Optional[Path]:
     Returns None when none verifies. Rank 0 moves directories and rewrites `latest`."""
     import torch.distributed as dist
 
-    rank0 = dist.get_rank() == 0 if dist.is_initialized() else int(os.environ.get("RANK", "0")) == 0
+    rank0 = is_rank0()
     candidates = [p for p in complete_checkpoints(root) if step_of(p) <= step_of(start)][::-1]
     for i, path in enumerate(candidates):
         problem = verify_checkpoint(path)
         if problem is None:
             if i and rank0:
-                pointer = Path(root) / f"{LATEST}.tmp"
-                pointer.write_text(path.name)
-                pointer.replace(Path(root) / LATEST)
+                point_latest(root, path.name)
             return path
         aside = Path(root) / f"corrupt-{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         say(f"warning: {problem}: {path.name} is damaged, moved to {aside.name}; "

@@ -10,11 +10,10 @@ from typing import Optional
 
 # (substring of the device name, bf16/fp16 dense, fp8 dense or None); the first match wins (most specific first)
 PEAKS = (
-    ("H200", 989.4, 1978.9),
+    ("H200", 989.4, 1978.9),  # also GH200
     ("H100 NVL", 835.0, 1670.0),
     ("H100 PCIe", 756.0, 1513.0),
     ("H100", 989.4, 1978.9),  # SXM
-    ("GH200", 989.4, 1978.9),
     ("B200", 2250.0, 4500.0),
     ("A100", 312.0, None),
     ("L40S", 362.1, 733.0),

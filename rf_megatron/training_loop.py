@@ -63,7 +63,7 @@ class TrainingLoop:
         checkpoints carry (kept across resumes; pruning only ever removes older checkpoints of the same id)."""
         import dataclasses
 
-        from .checkpoint_dir import (CheckpointError, check_model_unchanged, latest_checkpoint, new_run_id,
+        from .checkpoint_dir import (CheckpointError, check_model_unchanged, is_rank0, latest_checkpoint, new_run_id,
                                      newest_verified, prepare_fresh_run, read_train_state)
         from .config import ConfigError
 
@@ -78,7 +78,7 @@ class TrainingLoop:
             except CheckpointError as exc:
                 raise ConfigError(str(exc)) from None
         if path is None:
-            prepare_fresh_run(ckpt.dir, ckpt.start_over, is_rank0=int(os.environ.get("RANK", "0")) == 0)
+            prepare_fresh_run(ckpt.dir, ckpt.start_over, rank0=is_rank0())
             return None
         path = newest_verified(ckpt.dir, path, say=_say)
         if path is None:
