@@ -18,12 +18,11 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234, backend: Optional[
     """torch.distributed (from torchrun / SLURM env vars) plus Megatron's model-parallel groups."""
     from megatron.core import parallel_state, tensor_parallel
 
-    if torch.cuda.is_available():
-        import os
+    from .device import backend as device_backend, select_device
 
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    select_device()  # cuda:LOCAL_RANK (set as the current device), or CPU mode
     if not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        dist.init_process_group(backend or device_backend())
     parallel.validate(dist.get_world_size())
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
@@ -35,12 +34,19 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234, backend: Optional[
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, *, cpu: bool, before_ddp=None):
-    """Returns (DDP-wrapped model chunks, TransformerConfig). `before_ddp(chunks)` may load weights."""
+def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, *, before_ddp=None):
+    """Returns (DDP-wrapped model chunks, TransformerConfig) on the decided device (rf_megatron.device):
+    built there directly on a GPU (CPU initialisation only in CPU mode), then every chunk is moved there
+    whole (our norms and lambdas are made on the host, like Megatron-LM's get_model expects).
+    `before_ddp(chunks)` may load weights."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    config = build_transformer_config(model_cfg, parallel, cpu=cpu)
+    from .device import current_device, on_gpu
+
+    config = build_transformer_config(model_cfg, parallel, cpu=not on_gpu())
     chunks = build_model_chunks(model_cfg, config, parallel.transformer_impl)
+    for chunk in chunks:
+        chunk.to(current_device())
     if before_ddp is not None:
         before_ddp(chunks)
     ddp_config = DistributedDataParallelConfig(

@@ -149,9 +149,45 @@ class ParallelConfig:
                  f"world size {world_size} is not divisible by tensor_parallel*pipeline_parallel*context_parallel={mp}")
 
 
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def gpu_fusions(parallel: ParallelConfig) -> dict:
+    """The fusions Megatron-LM turns on by default on a GPU, each where its kernel exists (all off on CPU):
+    - bias + SwiGLU/GeLU: Megatron's own jit-fused functions (need only torch);
+    - masked softmax (the local spec's unfused attention): Megatron/apex's `scaled_upper_triang_masked_softmax_cuda`;
+    - gradient-accumulation fusion: apex's `fused_weight_gradient_mlp_cuda` (Megatron needs it for its output
+      layer even on the TE spec);
+    - RoPE: Transformer Engine's fused kernel on separate Q/K is fine with value residual; only the fused
+      single-QKV kernel (`fused_single_qkv_rope`, never exposes V) is refused (rf_megatron.attention);
+    - persistent layer norm: used by apex's FusedLayerNorm only, harmless elsewhere (Megatron-LM's default)."""
+    te = parallel.transformer_impl == "transformer_engine"
+    rope = False
+    if te:
+        from megatron.core.models.common.embeddings import rope_utils
+
+        rope = getattr(rope_utils, "fused_apply_rotary_pos_emb", None) is not None
+    return dict(
+        bias_activation_fusion=True,
+        masked_softmax_fusion=te or _importable("scaled_upper_triang_masked_softmax_cuda"),
+        gradient_accumulation_fusion=_importable("fused_weight_gradient_mlp_cuda"),
+        apply_rope_fusion=rope,
+        persist_layer_norm=True,
+    )
+
+
 def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, cpu: bool = False):
-    """Megatron-Core TransformerConfig for this model and layout (validated first)."""
+    """Megatron-Core TransformerConfig for this model and layout (validated first). `cpu=False` is the GPU
+    path: parameters initialised on the device, Megatron's fusions on (gpu_fusions)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from .device import backend, simulated
 
     parallel.validate()
     model.validate(parallel)
@@ -185,14 +221,10 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, cpu: 
         recompute_granularity=parallel.recompute_granularity,
         recompute_method=parallel.recompute_method if parallel.recompute_granularity == "full" else None,
         recompute_num_layers=parallel.recompute_num_layers if parallel.recompute_granularity == "full" else None,
-        use_cpu_initialization=True,
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
+        use_cpu_initialization=cpu,
+        **(gpu_fusions(parallel) if not cpu and not simulated() else {}),
     )
-    if cpu:
+    if cpu or backend() == "gloo":
         # gloo: the interleaved schedule's batched p2p gives wrong results (DESIGN.md §2)
         kwargs["batch_p2p_comm"] = False
     if model.value_residual and parallel.virtual_pipeline_parallel:

@@ -3,12 +3,11 @@
 Megatron-Core hard-codes CUDA in many places (p2p buffers, grad buffers, RNG tracker,
 schedules' token counters, checkpoint saver). `enable_cpu_mode()` redirects those to the CPU so a
 real TP x PP x DP job runs on a laptop or a CI box. It is never switched on implicitly: call it
-(or set ``RF_MEGATRON_CPU=1`` for our entry points) before building the model.
+(or set ``RF_MEGATRON_CPU=1`` for our entry points; `rf_megatron.device` decides) before building the model.
 """
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -56,8 +55,9 @@ def cpu_mode_enabled() -> bool:
     return _MODE is not None
 
 
-def enable_cpu_mode(allow_with_cuda: bool = False) -> None:
-    """Make Megatron-Core use the CPU. Idempotent. Refuses on a CUDA machine unless told."""
+def enable_cpu_mode(allow_with_cuda: bool = False, mode: "_CudaToCpu | None" = None) -> None:
+    """Make Megatron-Core use the CPU. Idempotent. Refuses on a CUDA machine unless told.
+    `mode`: a stricter _CudaToCpu (rf_megatron.simulated_gpu's)."""
     global _MODE
     if _MODE is not None:
         return
@@ -80,13 +80,7 @@ def enable_cpu_mode(allow_with_cuda: bool = False) -> None:
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
-    _MODE = _CudaToCpu()
+    _MODE = mode or _CudaToCpu()
     _MODE.__enter__()
 
 
-def maybe_enable_cpu_mode_from_env() -> bool:
-    """Entry points call this: RF_MEGATRON_CPU=1, or no CUDA at all, means CPU mode."""
-    if os.environ.get("RF_MEGATRON_CPU", "") == "1" or not torch.cuda.is_available():
-        enable_cpu_mode()
-        return True
-    return False

@@ -23,6 +23,7 @@ KNOWN_NOISE = (
     (r".*torch\.distributed\._shard", UserWarning, "always"),
     (r".*TypedStorage is deprecated", UserWarning, "always"),
     (r".*deprecating ShardedTensor", FutureWarning, "always"),  # Megatron's dist_checkpointing still uses it
+    (r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated", FutureWarning, "always"),
     # torch on a CPU-only machine, from Megatron's CUDA-minded code paths our CPU shim redirects
     (r".*CUDA is not available", UserWarning, "cpu"),
     (r".*(pin_memory|pinned memory).*no accelerator", UserWarning, "cpu"),

@@ -26,7 +26,9 @@ class ExitSignals:
     def should_exit(self) -> str:
         """Collective: '' to go on, else the reason every rank agrees on."""
         timed_out = self.max_seconds is not None and time.time() - self.start > self.max_seconds
-        flags = torch.tensor([self.received is not None, timed_out], dtype=torch.int32)
+        from .device import current_device
+
+        flags = torch.tensor([self.received is not None, timed_out], dtype=torch.int32, device=current_device())
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if flags[0]:
             return f"signal {self.received or 'received on another rank'}"

@@ -16,8 +16,8 @@ from . import distopt_fixes
 from .build import build_model, build_optimizer, build_scheduler, init_parallel
 from .checkpointing import load_checkpoint, save_checkpoint
 from .config import ConfigError
-from .cpu_mode import maybe_enable_cpu_mode_from_env
 from .data import MicrobatchStream, build_train_valid, chunk_iterators, load_tokenizer
+from .device import current_device, select_device, to_device
 from .flops import parameter_counts, training_flops_per_token
 from .metrics import MetricsLogger
 from .model import unwrap
@@ -34,7 +34,7 @@ def _loss_func(loss_mask, output_tensor):
 
 
 def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    batch = to_device(next(data_iterator))  # host-collated microbatch -> the GPU (Megatron-LM's get_batch)
     output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
     return output, lambda out: _loss_func(batch["loss_mask"], out)
 
@@ -43,7 +43,7 @@ def _global_loss(losses: List[Dict]) -> float:
     """Token-weighted mean loss over microbatches and DP ranks, known on every rank."""
     from megatron.core import parallel_state as ps
 
-    stats = torch.zeros(2, dtype=torch.float64)
+    stats = torch.zeros(2, dtype=torch.float64, device=current_device())
     if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
         for item in losses:
             stats += item["lm loss"].double()
@@ -56,7 +56,7 @@ class Trainer(TrainingLoop):
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.cpu = maybe_enable_cpu_mode_from_env()
+        self.device = select_device()  # before the config checks: a GPU job without GPUs stops here
         world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg.validate(world)  # before any process group exists
         self.tokenizer = load_tokenizer(cfg)
@@ -66,7 +66,7 @@ class Trainer(TrainingLoop):
 
         self.ps = ps
         torch.manual_seed(cfg.train.seed)
-        self.model, self.config = build_model(cfg.model, cfg.parallel, cpu=self.cpu)
+        self.model, self.config = build_model(cfg.model, cfg.parallel)
         self.optimizer = build_optimizer(self.model, cfg.optim, cfg.parallel)
         t = cfg.train
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.train_steps)
@@ -145,7 +145,7 @@ class Trainer(TrainingLoop):
         for m in self.model:
             m.eval()
         stream = MicrobatchStream(self.valid_ds, t.global_batch_size, t.micro_batch_size)
-        stats = torch.zeros(2, dtype=torch.float64)
+        stats = torch.zeros(2, dtype=torch.float64, device=current_device())
         with torch.no_grad():
             for _ in range(t.eval_steps):
                 for item in self._run_batch(stream.next_global_batch(), forward_only=True):
@@ -166,7 +166,8 @@ class Trainer(TrainingLoop):
             for layer in unwrap(chunk).decoder.layers:
                 lam = getattr(layer.self_attention, "value_lambdas", None)
                 if isinstance(lam, (LearnableLambdas, LearnablePlusLambdas)):
-                    l1, l2 = lam()
+                    with torch.no_grad():
+                        l1, l2 = lam()
                     mine[f"lambda1/layer{layer.layer_number}"] = float(l1)
                     mine[f"lambda2/layer{layer.layer_number}"] = float(l2)
         gathered = [None] * dist.get_world_size()

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import yaml
 
 from ..config import ConfigError
+from ..device import backend, on_gpu, select_device, to_device
 from ..hf.weights import uses_remote_code
 from ..run_config import RunConfig, save_yaml, to_dict
 from ..training_loop import TrainingLoop
@@ -56,7 +57,7 @@ def prepare_config(cfg: RunConfig, world_size: int) -> None:
                  "parallel": data_parallel}).validate(world_size)
 
 
-def _init_distributed(cuda: bool) -> None:
+def _init_distributed() -> None:
     """torchrun / the `deepspeed` launcher / slurm/task.sh (srun) all provide RANK, WORLD_SIZE,
     MASTER_ADDR and MASTER_PORT; a single process without them runs alone."""
     for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
@@ -67,10 +68,8 @@ def _init_distributed(cuda: bool) -> None:
         from ..hf.import_hf import _free_port
 
         os.environ["MASTER_PORT"] = str(_free_port())
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group(backend())  # after select_device: NCCL on cuda:LOCAL_RANK, else gloo
 
 
 class DeepSpeedTrainer(TrainingLoop):
@@ -80,7 +79,8 @@ class DeepSpeedTrainer(TrainingLoop):
         from ..metrics import MetricsLogger
 
         self.cfg = cfg
-        self.cuda = torch.cuda.is_available()
+        self.device = select_device(megatron=False)  # DeepSpeed's own accelerator follows the same decision
+        self.cuda = on_gpu()
         world = int(os.environ.get("WORLD_SIZE", "1"))
         prepare_config(cfg, world)
         self.ds_config = ds_config.resolve(cfg, world, self.cuda)
@@ -96,7 +96,7 @@ class DeepSpeedTrainer(TrainingLoop):
         else:
             module = build_fresh(cfg.model, t.seed)
 
-        _init_distributed(self.cuda)
+        _init_distributed()
         import deepspeed
         from deepspeed.utils import logger as ds_logger
 
@@ -134,22 +134,20 @@ class DeepSpeedTrainer(TrainingLoop):
 
     # --- the step ---------------------------------------------------------------------------------
     def _loss_terms(self, batch):
-        """(sum of token losses, token count) of one microbatch."""
-        tokens = batch["tokens"].to(self.engine.device)
-        logits = self.engine(input_ids=tokens, position_ids=batch["position_ids"].to(self.engine.device),
-                             use_cache=False).logits
-        losses = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].to(logits.device).flatten(),
-                                 reduction="none")
-        mask = batch["loss_mask"].to(logits.device).flatten().float()
+        """(sum of token losses, token count) of one microbatch, on the device."""
+        batch = to_device(batch)
+        logits = self.engine(input_ids=batch["tokens"], position_ids=batch["position_ids"], use_cache=False).logits
+        losses = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none")
+        mask = batch["loss_mask"].flatten().float()
         return (losses * mask).sum(), mask.sum().clamp(min=1)
 
     def train_step(self):
-        stats = torch.zeros(2, dtype=torch.float64)
+        stats = torch.zeros(2, dtype=torch.float64, device=self.device)  # all-reduced: NCCL needs it on the GPU
         for batch in self.stream.next_global_batch():
             total, count = self._loss_terms(batch)
             self.engine.backward(total / count)  # DeepSpeed divides by the accumulation steps
             self.engine.step()  # updates at the accumulation boundary only
-            stats += torch.stack([total.detach().double().cpu(), count.detach().double().cpu()])
+            stats += torch.stack([total.detach().double(), count.detach().double()])
         dist.all_reduce(stats)
         loss = (stats[0] / stats[1]).item()
         self.check_finite("loss", loss, update_applied=True)  # engine.step() has run: DeepSpeed skips only in fp16
@@ -165,13 +163,13 @@ class DeepSpeedTrainer(TrainingLoop):
         t = self.cfg.train
         stream = MicrobatchStream(self.valid_ds, t.global_batch_size, t.micro_batch_size, dp_rank=self.rank,
                                   dp_size=self.world)
-        stats = torch.zeros(2, dtype=torch.float64)
+        stats = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.engine.eval()
         with torch.no_grad():
             for _ in range(t.eval_steps):
                 for batch in stream.next_global_batch():
                     total, count = self._loss_terms(batch)
-                    stats += torch.stack([total.double().cpu(), count.double().cpu()])
+                    stats += torch.stack([total.double(), count.double()])
         self.engine.train()
         dist.all_reduce(stats)
         return (stats[0] / stats[1]).item()
