@@ -31,9 +31,9 @@ def main():
     p.add_argument("--rounds", type=int, default=10)
     args = p.parse_args()
 
-    from rf_megatron.cpu_mode import maybe_enable_cpu_mode_from_env
+    from rf_megatron.device import on_gpu, select_device, to_device
 
-    cpu = maybe_enable_cpu_mode_from_env()
+    select_device()  # a GPU when there is one (RF_MEGATRON_CPU=1: the CPU)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     os.environ.setdefault("RANK", "0")
@@ -54,7 +54,7 @@ def main():
     for name, kw in variants.items():
         cfg = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
                           num_query_groups=args.kv_heads, vocab_size=vocab, seq_length=args.seq, **kw)
-        model, config = build_model(cfg, parallel, cpu=cpu)
+        model, config = build_model(cfg, parallel)
         runs[name] = (model, build_optimizer(model, OptimConfig(lr=1e-4), parallel), config)
 
     g = torch.Generator().manual_seed(0)
@@ -62,6 +62,7 @@ def main():
     batch = dict(tokens=tokens[:, :-1], labels=tokens[:, 1:],
                  position_ids=torch.arange(args.seq).expand(args.micro_batch, -1),
                  attention_mask=torch.ones(1, 1, args.seq, args.seq, dtype=torch.bool).triu(1))
+    batch = to_device(batch)
 
     def forward_step(it, m):
         b = next(it)
@@ -79,6 +80,8 @@ def main():
         forward_backward(model_chunks=model, forward_step_func=forward_step, data_iterator=data,
                          num_microbatches=args.microbatches, seq_length=args.seq, micro_batch_size=args.micro_batch)
         opt.step()
+        if on_gpu():
+            torch.cuda.synchronize()  # kernels are asynchronous: time the work, not its launch
         dist.barrier()
         return time.perf_counter() - t
 

@@ -18,11 +18,14 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234, backend: Optional[
     """torch.distributed (from torchrun / SLURM env vars) plus Megatron's model-parallel groups."""
     from megatron.core import parallel_state, tensor_parallel
 
-    from .device import backend as device_backend, select_device
+    from .device import init_process_group, select_device
 
     select_device()  # cuda:LOCAL_RANK (set as the current device), or CPU mode
     if not dist.is_initialized():
-        dist.init_process_group(backend or device_backend())
+        if backend:
+            dist.init_process_group(backend)
+        else:
+            init_process_group()
     parallel.validate(dist.get_world_size())
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(

@@ -125,6 +125,7 @@ class ParallelConfig:
     params_dtype: str = "fp32"  # fp32 | bf16 | fp16
     fp8: Optional[str] = None  # "hybrid" | "e4m3" on H100 with Transformer Engine
     transformer_impl: str = "local"  # local | transformer_engine
+    fusions: bool = True  # on a GPU, Megatron's fused kernels where they exist (gpu_fusions); false to debug one
 
     def validate(self, world_size: Optional[int] = None) -> None:
         def need(cond, msg):
@@ -222,7 +223,7 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, cpu: 
         recompute_method=parallel.recompute_method if parallel.recompute_granularity == "full" else None,
         recompute_num_layers=parallel.recompute_num_layers if parallel.recompute_granularity == "full" else None,
         use_cpu_initialization=cpu,
-        **(gpu_fusions(parallel) if not cpu and not simulated() else {}),
+        **(gpu_fusions(parallel) if parallel.fusions and not cpu and not simulated() else {}),
     )
     if cpu or backend() == "gloo":
         # gloo: the interleaved schedule's batched p2p gives wrong results (DESIGN.md §2)

@@ -105,6 +105,15 @@ def backend() -> str:
     return "nccl" if on_gpu() and not _SIMULATED else "gloo"
 
 
+def init_process_group(**kwargs) -> None:
+    """torch.distributed for the decided device: NCCL bound to this GPU (no guessing in barriers), else gloo."""
+    import torch.distributed as dist
+
+    if backend() == "nccl":
+        kwargs.setdefault("device_id", current_device())
+    dist.init_process_group(backend(), **kwargs)
+
+
 def to_device(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """A host batch on the compute device (asynchronous copies from pinned memory where possible)."""
     device = current_device()

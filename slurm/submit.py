@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default="runs", help="root of the experiment directories (default: runs)")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--ntasks-per-node", type=int, default=1, help="one task (rank) per GPU")
-    parser.add_argument("--gpus-per-node", type=int, default=0)
+    parser.add_argument("--gpus-per-node", type=int, default=None,
+                        help="default: one per task (--ntasks-per-node); 0 on a CPU-only cluster")
     parser.add_argument("--time", help="time limit, e.g. 4:00:00")
     parser.add_argument("--partition")
     parser.add_argument("--account")
@@ -80,11 +81,16 @@ def main(argv=None) -> int:
     from check_config import check
     from rf_megatron.config import ConfigError
 
+    if args.gpus_per_node is None:
+        args.gpus_per_node = args.ntasks_per_node  # one rank per GPU: never a GPU job that silently gets none
     world = args.nodes * args.ntasks_per_node
     layout = f"{args.nodes} node(s) x {args.ntasks_per_node} task(s)"
     try:
         if args.nodes < 1 or args.ntasks_per_node < 1:
             raise ConfigError("--nodes and --ntasks-per-node must be >= 1")
+        if args.gpus_per_node and args.gpus_per_node < args.ntasks_per_node:
+            raise ConfigError(f"--gpus-per-node {args.gpus_per_node} < --ntasks-per-node {args.ntasks_per_node}: "
+                              "each task (rank) needs a GPU of its own")
         if args.sweep:
             if args.config:
                 raise ConfigError("give either --sweep FILE or PRESET [overrides], not both")

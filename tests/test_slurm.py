@@ -169,7 +169,7 @@ def wait_for(predicate, timeout, what):
 
 def test_two_nodes_tp2_dp2(cluster, data, tmp_path):
     """slurm/submit.py: 2 emulated nodes x 2 srun tasks = world 4, TP2 x DP2, rendezvous on n1."""
-    proc = subprocess.run([sys.executable, str(SLURM / "submit.py"), "--nodes", "2", "--ntasks-per-node", "2",
+    proc = subprocess.run([sys.executable, str(SLURM / "submit.py"), "--gpus-per-node", "0", "--nodes", "2", "--ntasks-per-node", "2",
                            "--time", "10", "--exp", "tp2dp2", "--runs", str(tmp_path), "--python", sys.executable,
                            "tiny_cpu", *overrides(data)], env=job_env(tmp_path), cwd=REPO, capture_output=True,
                           text=True)
@@ -190,7 +190,7 @@ def test_two_nodes_tp2_dp2(cluster, data, tmp_path):
 def test_deepspeed_engine_on_two_nodes_requeues_resumes_and_writes_hf(cluster, data, tmp_path):
     """RF_ENGINE=deepspeed (submit.py --engine): the HF model with ZeRO-2 on 2 nodes x 1 srun task; the
     run stops cleanly at step 4 (train.exit_interval), the job requeues itself and resumes to the end."""
-    proc = subprocess.run([sys.executable, str(SLURM / "submit.py"), "--engine", "deepspeed", "--nodes", "2",
+    proc = subprocess.run([sys.executable, str(SLURM / "submit.py"), "--gpus-per-node", "0", "--engine", "deepspeed", "--nodes", "2",
                            "--ntasks-per-node", "1", "--time", "10", "--exp", "ds", "--runs", str(tmp_path),
                            "--python", sys.executable, "tiny_cpu", *overrides(data, steps=8),
                            "train.exit_interval=4", "deepspeed.config=zero2"],
@@ -271,7 +271,7 @@ def test_sweep_array_throttled_each_task_writes_metrics(cluster, data, tmp_path)
              f"tiny_cpu {common} model.variant=resformer model.hidden_size=32 logging.dir={tmp_path}/h32"]
     sweep = tmp_path / "variants.txt"
     sweep.write_text("# preset + overrides, one configuration per line\n\n" + "\n".join(lines) + "\n")
-    proc = subprocess.run([sys.executable, str(SLURM / "submit.py"), "--sweep", str(sweep), "--max-parallel", "2",
+    proc = subprocess.run([sys.executable, str(SLURM / "submit.py"), "--gpus-per-node", "0", "--sweep", str(sweep), "--max-parallel", "2",
                            "--runs", str(tmp_path / "runs"), "--python", sys.executable],
                           env=job_env(tmp_path / "runs"), cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -315,7 +315,7 @@ def test_crash_loop_stops_at_max_restarts(cluster, data, tmp_path):
 
 def test_preflight_errors_are_one_line_and_launch_nothing(cluster, data, tmp_path):
     def submit(*args, nodes=1, tasks=2):
-        return subprocess.Popen([sys.executable, str(SLURM / "submit.py"), "--nodes", str(nodes),
+        return subprocess.Popen([sys.executable, str(SLURM / "submit.py"), "--gpus-per-node", "0", "--nodes", str(nodes),
                                  "--ntasks-per-node", str(tasks), "--runs", str(tmp_path / "runs"), *map(str, args)],
                                 env=job_env(tmp_path / "runs"), cwd=REPO, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)

@@ -101,13 +101,13 @@ def find_tokenizer(cfg, override: Optional[str]) -> Path:
 # --------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def megatron_single_process():
-    """CPU mode, a 1-rank gloo group and TP1 x PP1 model-parallel state (reusing what exists)."""
+    """CPU mode, a 1-rank gloo group and TP1 x PP1 model-parallel state (reusing what exists). Conversion runs
+    on the CPU by design, on any machine: it holds one layer's weights at a time, not a training job's GPUs."""
     import torch.distributed as dist
 
-    from ..cpu_mode import enable_cpu_mode
+    from ..device import select_device
 
-    if not torch.cuda.is_available():
-        enable_cpu_mode()
+    select_device(cpu=True, why_cpu="checkpoint conversion")
     own_group = not dist.is_initialized()
     if own_group:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

@@ -79,8 +79,7 @@ def run_workers(world: int, weights: Path, run_config: Path, root: Path, timeout
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env.setdefault("OMP_NUM_THREADS", "1")
-    if not torch.cuda.is_available():
-        env["RF_MEGATRON_CPU"] = "1"
+    env["RF_MEGATRON_CPU"] = "1"  # conversion runs on the CPU by design (rf_megatron.hf.export.megatron_single_process)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--master-addr=127.0.0.1",
            f"--master-port={_free_port()}", "-m", "rf_megatron.hf.save_worker", "--weights", str(weights),
            "--run-config", str(run_config), "--root", str(root)]

@@ -49,13 +49,11 @@ def main(argv=None) -> int:
     from rf_megatron import distopt_fixes
     from rf_megatron.build import build_model, build_optimizer, init_parallel
     from rf_megatron.checkpointing import save_checkpoint
-    from rf_megatron.cpu_mode import enable_cpu_mode
+    from rf_megatron.device import select_device
     from rf_megatron.run_config import load_run_config
     from rf_megatron.state import load_full_weights, named_global_parameters
 
-    cpu = not torch.cuda.is_available() or os.environ.get("RF_MEGATRON_CPU") == "1"
-    if cpu:
-        enable_cpu_mode()
+    select_device(cpu=True, why_cpu="checkpoint conversion")
     cfg = load_run_config(args.run_config)
     init_parallel(cfg.parallel, seed=cfg.train.seed)
     distopt_fixes.apply_if_needed()
@@ -69,7 +67,7 @@ def main(argv=None) -> int:
             raise KeyError(f"no weights for {', '.join(missing[:5])}")
         load_full_weights(chunks, full)
 
-    model, _ = build_model(cfg.model, cfg.parallel, cpu=cpu, before_ddp=load)
+    model, _ = build_model(cfg.model, cfg.parallel, before_ddp=load)
     optimizer = build_optimizer(model, cfg.optim, cfg.parallel)
     scheduler = build_scheduler(optimizer, cfg)
     distopt_fixes.init_optimizer_state(optimizer, step=FRESH_STEP)

@@ -48,20 +48,20 @@ def resolve_iter_dir(path) -> Path:
 
 
 def init_single_process(seed: int = 1234) -> None:
-    """CPU mode, a 1-rank gloo group and Megatron's TP1 PP1 groups (idempotent)."""
+    """The device (a GPU when there is one, rf_megatron.device), a 1-rank process group and Megatron's TP1 PP1
+    groups (idempotent)."""
     import socket
 
     import torch.distributed as dist
 
-    from ..cpu_mode import enable_cpu_mode
+    from ..device import init_process_group, select_device
 
-    if not torch.cuda.is_available():
-        enable_cpu_mode()
+    select_device()
     if not dist.is_initialized():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        init_process_group(init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     from megatron.core import parallel_state, tensor_parallel
 
     if not parallel_state.model_parallel_is_initialized():
@@ -85,8 +85,10 @@ def load_model(checkpoint):
                                   "their norms differently from the local (CPU) spec; only local checkpoints load here")
     cfg.parallel = ParallelConfig()  # TP1 PP1, fp32, no SP / recompute
     init_single_process(cfg.train.seed)
-    config = build_transformer_config(cfg.model, cfg.parallel, cpu=not torch.cuda.is_available())
-    model = build_model_chunks(cfg.model, config)[0]
+    from ..device import current_device, on_gpu
+
+    config = build_transformer_config(cfg.model, cfg.parallel, cpu=not on_gpu())
+    model = build_model_chunks(cfg.model, config)[0].to(current_device())
     loaded = dist_checkpointing.load({"model0": model.sharded_state_dict()}, str(iter_dir),
                                      strict=StrictHandling.RAISE_UNEXPECTED)
     model.load_state_dict(loaded["model0"])
@@ -120,7 +122,7 @@ def _probs(query, key, scale):
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     s = scores.size(-1)
-    mask = torch.ones(s, s, dtype=torch.bool).triu(1)
+    mask = torch.ones(s, s, dtype=torch.bool, device=scores.device).triu(1)
     return torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
 
 
@@ -164,9 +166,10 @@ def analyse(model, tokens: torch.Tensor) -> Dict[str, object]:
                     layer.register_forward_hook(hidden)]
     handles.append(model.embedding.register_forward_hook(lambda m, a, out: cap.hidden.__setitem__(0, out.detach())))
     try:
+        tokens = tokens.to(model.embedding.word_embeddings.weight.device)
         b, s = tokens.shape
-        position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
-        logits = model(tokens, position_ids, causal_mask(s))
+        position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+        logits = model(tokens, position_ids, causal_mask(s).to(tokens.device))
     finally:
         for h in handles:
             h.remove()
@@ -188,7 +191,7 @@ def analyse(model, tokens: torch.Tensor) -> Dict[str, object]:
         max_err = max(max_err, float((context - cap.out[n].float().reshape(s, b, -1)).abs().max()))
         rest = p[:, :, 1:, :]  # queries i >= 1
         ent = -(rest * torch.log(rest.clamp_min(1e-30))).sum(-1)  # [b, np, s-1]
-        visible = torch.log(torch.arange(2, s + 1, dtype=torch.float32))  # log(i + 1), i = 1..s-1
+        visible = torch.log(torch.arange(2, s + 1, dtype=torch.float32, device=ent.device))  # log(i + 1), i = 1..s-1
         first = rest[..., 0]  # [b, np, s-1]
         rows.append({"layer": n, "attn_entropy": float(ent.mean()), "attn_entropy_norm": float((ent / visible).mean()),
                      "first_token_mass": float(first.mean()),

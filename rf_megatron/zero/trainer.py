@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import yaml
 
 from ..config import ConfigError
-from ..device import backend, on_gpu, select_device, to_device
+from ..device import init_process_group, on_gpu, select_device, to_device
 from ..hf.weights import uses_remote_code
 from ..run_config import RunConfig, save_yaml, to_dict
 from ..training_loop import TrainingLoop
@@ -69,7 +69,7 @@ def _init_distributed() -> None:
 
         os.environ["MASTER_PORT"] = str(_free_port())
     if not dist.is_initialized():
-        dist.init_process_group(backend())  # after select_device: NCCL on cuda:LOCAL_RANK, else gloo
+        init_process_group()  # after select_device: NCCL on cuda:LOCAL_RANK, else gloo
 
 
 class DeepSpeedTrainer(TrainingLoop):

@@ -7,23 +7,9 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("transformer_engine")
 
+from megatron_gpu import megatron_gpu  # noqa: E402,F401  (fixture)
+
 from rf_megatron.config import ModelConfig, ParallelConfig, build_transformer_config  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def megatron_gpu():
-    import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
-
-    from conftest import free_port
-
-    torch.cuda.set_device(0)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    yield
-    parallel_state.destroy_model_parallel()
 
 
 def _model(impl, variant, fp8=None):

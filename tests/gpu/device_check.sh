@@ -1,0 +1,84 @@
+#!/bin/bash
+# One-shot check on ONE H100/H200 with no internet (issue #12): Python 3.12, torch, transformers and sentencepiece
+# installed, megatron-core not. About 6 minutes:
+#   1. megatron-core from the wheels in tests/gpu/wheels/ (git-ignored, <= 64 MiB; tests/gpu/README.md says how
+#      to fill it; Transformer Engine does not fit, so its tests skip here)
+#   2. pytest tests/gpu (GPU-vs-CPU logits parity of every variant, fp32 and bf16; TE / DeepSpeed skip if absent)
+#   3. a synthetic corpus (no downloads), then 40 bf16 steps of vanilla, ResFormer identity, ResFormer learnable
+#      and SVFormer at the resformer_82m shape (seq 2048) through the real entry point
+#   4. one table: tokens/s (and relative to vanilla), MFU, TFLOP/s, peak memory, final train / validation loss
+# RF_CHECK_OVERRIDES="key=value ..." is appended to every training command (e.g. parallel.fusions=false).
+# DRY_RUN=1 does all of it on a CPU machine: the simulated GPU (RF_MEGATRON_CPU=simulate-gpu), a tiny shape, 2 steps.
+#   bash tests/gpu/device_check.sh            RF_CHECK_OUT=DIR also copies the logs there (device_check_logs.tgz)
+set -uo pipefail
+cd "$(dirname "$0")/../.." || exit 2
+REPO=$PWD
+PY=${PYTHON:-python3}
+WHEELS=${RF_GPU_WHEELS:-$REPO/tests/gpu/wheels}
+WORK=${RF_CHECK_DIR:-/tmp/rf-device-check}
+DRY=${DRY_RUN:-0}
+T0=$SECONDS
+say() { echo "== [$((SECONDS - T0)) s] $*"; }
+rm -rf "$WORK" && mkdir -p "$WORK/runs" || exit 2
+
+if ! "$PY" -c "import megatron.core" 2>/dev/null; then
+  say "installing megatron-core from $WHEELS"
+  compgen -G "$WHEELS/*.whl" >/dev/null || { echo "error: megatron-core is not installed and $WHEELS holds no wheels (tests/gpu/README.md)"; exit 2; }
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" "$WHEELS"/*.whl || exit 2
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+if [ "$DRY" = 1 ]; then
+  export RF_MEGATRON_CPU=simulate-gpu
+  SHAPE="model.num_layers=2 model.hidden_size=64 model.num_attention_heads=2 model.ffn_hidden_size=128 model.seq_length=128 model.vocab_size=4096"
+  STEPS=2; WARMUP=1; BATCH="train.global_batch_size=4 train.micro_batch_size=2 train.log_interval=1"; DOCS=200
+else
+  unset RF_MEGATRON_CPU
+  SHAPE=""; STEPS=${RF_CHECK_STEPS:-40}; WARMUP=10; BATCH="train.global_batch_size=64 train.micro_batch_size=8 train.log_interval=10"; DOCS=3000
+fi
+
+say "environment"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$PY" -W ignore - <<'PY'
+import torch, megatron.core, transformers
+print(f"python torch {torch.__version__} (CUDA {torch.version.cuda}), megatron-core {megatron.core.__version__}, "
+      f"transformers {transformers.__version__}, GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+PY
+
+say "pytest tests/gpu"
+"$PY" -m pytest -q -p no:cacheprovider tests/gpu -rs > "$WORK/pytest.log" 2>&1
+PYTEST_RC=$?
+grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed|skipped|error" "$WORK/pytest.log" | tail -20
+
+say "synthetic corpus ($DOCS documents) -> tokenizer -> indexed dataset"
+D=$WORK/data
+"$PY" tests/gpu/device_check.py corpus "$D" --documents "$DOCS" &&
+  "$PY" tools/train_tokenizer.py --input "$D/corpus.jsonl" --vocab-size 4000 --max-sentences 3000 --output-prefix "$D/tok" >"$WORK/data.log" 2>&1 &&
+  "$PY" tools/preprocess_data.py --input "$D/corpus.jsonl" --tokenizer-model "$D/tok.model" --output-prefix "$D/corpus" --workers 8 >>"$WORK/data.log" 2>&1 ||
+  { tail -20 "$WORK/data.log"; echo "error: could not build the corpus"; exit 1; }
+
+RUNS=("vanilla model.variant=vanilla"
+      "resformer_identity model.variant=resformer model.lambda_mode=identity"
+      "resformer_learnable model.variant=resformer model.lambda_mode=learnable"
+      "svformer model.variant=svformer")
+NAMES=()
+for spec in "${RUNS[@]}"; do
+  name=${spec%% *}; NAMES+=("$name")
+  say "train $name: $STEPS steps, bf16, resformer_82m shape ${SHAPE:+(dry run: tiny shape)}"
+  RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=$((29500 + RANDOM % 1000)) \
+  timeout "${RF_CHECK_RUN_TIMEOUT:-200}" "$PY" pretrain/pretrain_resformer.py --config resformer_82m ${spec#* } $SHAPE $BATCH \
+    train.train_steps=$STEPS train.eval_interval=0 train.eval_steps=2 optim.lr_warmup_steps=$WARMUP \
+    "data.paths=[$D/corpus]" data.tokenizer_model=$D/tok.model data.split=98,2,0 data.cache_dir=$D/cache \
+    checkpoint.dir=null logging.dir=$WORK/runs/$name logging.wandb_project=null ${RF_CHECK_OVERRIDES:-} >"$WORK/runs/$name.log" 2>&1 ||
+    { echo "run $name failed (exit $?):"; grep -v "^\s*$" "$WORK/runs/$name.log" | tail -15; }
+  grep -E "^step .*/" "$WORK/runs/$name.log" | tail -1
+done
+
+if [ -n "${RF_CHECK_OUT:-}" ]; then
+  mkdir -p "$RF_CHECK_OUT" && tar czf "$RF_CHECK_OUT/device_check_logs.tgz" -C "$WORK" pytest.log data.log runs 2>/dev/null
+fi
+say "summary${SHAPE:+ (DRY RUN on the simulated GPU: plumbing only, no GPU figures)}"
+grep -E "passed|failed" "$WORK/pytest.log" | tail -1 | sed 's/^/pytest tests\/gpu: /'
+"$PY" tests/gpu/device_check.py table "$WORK/runs" "${NAMES[@]}"
+TABLE_RC=$?
+[ "$PYTEST_RC" = 0 ] && [ "$TABLE_RC" = 0 ]
