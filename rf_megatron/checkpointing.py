@@ -135,6 +135,9 @@ def load_checkpoint(path, model: List, optimizer, scheduler) -> Dict[str, Any]:
     init_optimizer_state(optimizer)
     state = _sharded_state(model, optimizer, is_loading=True, with_rng=same_layout)
     state["scheduler"] = None
+    from .safe_metadata import install
+
+    install()  # opening a checkpoint never runs code
     loaded = dist_checkpointing.load(state, str(path))
     for i, m in enumerate(model):
         m.module.load_state_dict(loaded[f"model{i}"])

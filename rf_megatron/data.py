@@ -3,6 +3,7 @@ train/valid/test splits, and iterators whose position (consumed samples) is chec
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
@@ -37,6 +38,29 @@ def check_data(paths: List[str], vocab_size: int, tokenizer) -> None:
             raise ConfigError(f"{prefix}.bin holds token id {top} >= model.vocab_size={vocab_size}")
 
 
+def check_splits(paths: List[str], split: str, seq_length: int) -> None:
+    """Every non-empty split of every dataset must hold at least one sample (seq_length + 1 tokens): Megatron
+    loops forever on an empty one (GPTDataset._get_num_epochs) and fails late on a too-small one."""
+    from .indexed_data import split_token_counts
+
+    weights = _split_weights(split)
+    if len(weights) != 3 or (weights[0] <= 0 and weights[1] <= 0):
+        raise ConfigError(f"data.split={split!r}: give three weights train,valid,test (>= 0, train > 0), e.g. 98,2,0")
+    need = seq_length + 1
+    for prefix in _prefixes(paths):
+        counts = split_token_counts(prefix, weights)
+        total_docs = sum(d for d, _ in counts)
+        for name, weight, (docs, tokens) in zip(("training", "validation", "test"), weights, counts):
+            if weight > 0 and tokens < need:
+                fix = ("more documents (tools/preprocess_data.py makes one per JSONL line, or per paragraph with "
+                       "--split-text-on-blank-lines)")
+                other = "another data.split" + (", or none (data.split=100,0,0 trains without validation)"
+                                                 if name == "validation" else "")
+                raise ConfigError(f"{prefix}: data.split={split} gives the {name} split {docs} of its {total_docs} "
+                                  f"document(s), {tokens} tokens: less than one sample of seq_length + 1 = {need} "
+                                  f"tokens. Use {fix}, or {other}")
+
+
 def build_datasets(paths: List[str], split: str, seq_length: int, tokenizer, seed: int,
                    num_samples: List[int], cache_dir=None):
     """[train, valid, test] GPTDatasets (None where a split is empty)."""
@@ -63,20 +87,74 @@ def load_tokenizer(cfg):
     except TokenizerError as exc:
         raise ConfigError(str(exc)) from None
     check_data(cfg.data.paths, cfg.model.vocab_size, tokenizer)
+    if cfg.data.valid_paths:
+        check_data(cfg.data.valid_paths, cfg.model.vocab_size, tokenizer)
     return tokenizer
 
 
+VALID_SEED = 20241023  # the validation set's order is a property of the data, not of the run's seed
+
+
+def _split_weights(split: str) -> List[float]:
+    import re
+
+    weights = [float(w) for w in re.findall(r"[.0-9]+", str(split))]  # Megatron's parse_and_normalize_split
+    return weights + [0.0] * (3 - len(weights))
+
+
 def build_train_valid(cfg, tokenizer):
-    """(train, valid) GPTDatasets sized for the whole run (every evaluation included); the same
-    samples in the same order for both trainers."""
-    t = cfg.train
-    evals = t.train_steps // t.eval_interval + 2 if t.eval_interval else 2
-    train, valid, _ = build_datasets(
-        cfg.data.paths, cfg.data.split, cfg.model.seq_length, tokenizer, t.seed,
-        [t.train_steps * t.global_batch_size, evals * t.eval_steps * t.global_batch_size, 0], cfg.data.cache_dir)
+    """(train, valid) GPTDatasets, the same samples in the same order for both trainers.
+
+    Training data is sized for the whole run and shuffled by train.seed. Validation (data.split's share of
+    data.paths, or data.valid_paths) is built on its own with a fixed seed: the same samples in the same order
+    whatever train.seed, eval_interval or the layout, one epoch (no wrap) for an unweighted set. None: no
+    validation (data.split=100,0,0 without data.valid_paths)."""
+    t, d = cfg.train, cfg.data
+    check_splits(d.paths, d.split, cfg.model.seq_length)
+    weights = _split_weights(d.split)
+    if d.valid_paths and weights[1] > 0:
+        raise ConfigError(f"data.split={d.split} gives part of data.paths to validation and data.valid_paths is set "
+                          f"too: use data.split={weights[0]:g},0,{weights[2]:g} with data.valid_paths")
+    train, _, _ = build_datasets(d.paths, d.split, cfg.model.seq_length, tokenizer, t.seed,
+                                 [t.train_steps * t.global_batch_size, 0, 0], d.cache_dir)
     if train is None:
-        raise ConfigError(f"data.split={cfg.data.split!r} leaves no training data")
+        raise ConfigError(f"data.split={d.split!r} leaves no training data")
+    valid = _build_valid(cfg, tokenizer, weights)
+    if valid is None and t.eval_only:
+        raise ConfigError(f"train.eval_only=true but data.split={d.split} leaves no validation set (set "
+                          "data.valid_paths, or give data.split a validation share)")
+    if valid is None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: data.split={d.split} has no validation split: training without evaluation", flush=True)
     return train, valid
+
+
+def _build_valid(cfg, tokenizer, weights):
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    d, t = cfg.data, cfg.train
+    if d.valid_paths:
+        check_splits(d.valid_paths, "0,100,0", cfg.model.seq_length)
+        paths, split = d.valid_paths, "0,100,0"  # the whole files
+    elif weights[1] > 0:
+        paths, split = d.paths, d.split
+    else:
+        return None
+    blend = get_blend_from_list(paths)
+    weighted = blend[1] is not None
+    if weighted and t.eval_full:
+        raise ConfigError("train.eval_full needs an unweighted validation set (a weighted blend has no whole to "
+                          "score): list the validation prefixes without weights")
+    config = GPTDatasetConfig(
+        random_seed=VALID_SEED, sequence_length=cfg.model.seq_length, blend=blend, split=split, tokenizer=tokenizer,
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+        path_to_cache=str(d.cache_dir) if d.cache_dir else None,
+    )
+    config.split_matrix = [None, config.split_matrix[1], None]  # build the validation split alone
+    # unweighted: exactly one epoch; a weighted blend needs a size: what one evaluation reads
+    size = t.eval_steps * t.global_batch_size if weighted else None
+    return BlendedMegatronDatasetBuilder(GPTDataset, [0, size, 0], lambda: True, config).build()[1]
 
 
 def causal_mask(seq_length: int) -> torch.Tensor:
@@ -88,13 +166,15 @@ class MicrobatchStream:
     dataset (it shuffles itself); DP rank r takes its contiguous slice, split into microbatches."""
 
     def __init__(self, dataset, global_batch: int, micro_batch: int, consumed_samples: int = 0,
-                 dp_rank: Optional[int] = None, dp_size: Optional[int] = None):
+                 dp_rank: Optional[int] = None, dp_size: Optional[int] = None, limit: Optional[int] = None):
+        """`limit`: samples from this index on are padding (loss mask 0), so a last partial batch scores
+        each sample once (validation)."""
         if dp_rank is None:  # Megatron's data-parallel group (the DeepSpeed trainer passes its own)
             from megatron.core import parallel_state
 
             dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         self.dataset, self.global_batch, self.micro_batch = dataset, global_batch, micro_batch
-        self.consumed_samples = consumed_samples
+        self.consumed_samples, self.limit = consumed_samples, limit
         self.dp_rank = dp_rank
         self.per_rank = global_batch // dp_size
         self.num_microbatches = self.per_rank // micro_batch
@@ -102,12 +182,15 @@ class MicrobatchStream:
     def next_global_batch(self) -> List[Dict[str, torch.Tensor]]:
         start = self.consumed_samples + self.dp_rank * self.per_rank
         self.consumed_samples += self.global_batch
-        indices = [(start + i) % len(self.dataset) for i in range(self.per_rank)]
+        indices = [start + i for i in range(self.per_rank)]
         return [self._collate(indices[i:i + self.micro_batch]) for i in range(0, self.per_rank, self.micro_batch)]
 
     def _collate(self, indices) -> Dict[str, torch.Tensor]:
-        samples = [self.dataset[i] for i in indices]
+        samples = [self.dataset[i % len(self.dataset)] for i in indices]
         batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        if self.limit is not None:
+            keep = torch.tensor([i < self.limit for i in indices], dtype=batch["loss_mask"].dtype)
+            batch["loss_mask"] = batch["loss_mask"] * keep[:, None]
         batch["attention_mask"] = causal_mask(batch["tokens"].shape[1])
         return batch
 

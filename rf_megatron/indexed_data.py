@@ -217,11 +217,11 @@ def _read_index(prefix: str):
                         f"expected {int(expected_ptr[bad])}")
     if docs[0] != 0 or docs[-1] != n_seq or (n_doc > 1 and np.any(np.diff(docs) < 0)):
         raise DataError(f"{idx_path}: corrupt: document boundaries must rise from 0 to {n_seq}")
-    return dtype, lengths, bin_path, n_doc - 1
+    return dtype, lengths, bin_path, n_doc - 1, docs
 
 
 def _verify(prefix: str):
-    dtype, lengths, bin_path, documents = _read_index(prefix)
+    dtype, lengths, bin_path, documents, _ = _read_index(prefix)
     tokens = int(lengths.sum(dtype=np.int64))
     bin_size = os.path.getsize(bin_path)
     if bin_size != tokens * dtype.itemsize:
@@ -261,3 +261,17 @@ def max_token_id(prefix: str, chunk_tokens: int = 1 << 24) -> int:
     if lo < 0:
         raise DataError(f"{bin_path}: corrupt: contains negative token id {lo}")
     return hi
+
+
+def split_token_counts(prefix: str, weights) -> Tuple[Tuple[int, int], ...]:
+    """(documents, tokens) of each train/valid/test split as Megatron cuts it: by whole documents, split i
+    holding documents [round(lo_i * D), round(hi_i * D)) of the normalised cumulative weights."""
+    _, lengths, _, documents, boundaries = _read_index(prefix)
+    seq_tokens = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    doc_tokens = seq_tokens[boundaries]  # tokens before each document boundary
+    total = float(sum(weights))
+    bounds, acc = [0], 0.0
+    for w in weights:
+        acc += w / total
+        bounds.append(int(round(min(acc, 1.0) * documents)))
+    return tuple((hi - lo, int(doc_tokens[hi] - doc_tokens[lo])) for lo, hi in zip(bounds[:-1], bounds[1:]))

@@ -40,19 +40,34 @@ class MetricsLogger:
             print(console, flush=True)
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+            self._best_effort("wandb", lambda: self.wandb.log(metrics, step=step))
         if self.tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, step)
+            def scalars():
+                for key, value in metrics.items():
+                    if isinstance(value, (int, float)):
+                        self.tb.add_scalar(key, value, step)
+
+            self._best_effort("tb", scalars)
 
     def close(self) -> None:
         if self.jsonl:
             self.jsonl.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            self._best_effort("wandb", self.wandb.finish)
         if self.tb is not None:
-            self.tb.close()
+            self._best_effort("tb", self.tb.close)
+
+    def _best_effort(self, backend: str, call) -> None:
+        """wandb / TensorBoard never stop or delay training or its checkpoint: a backend that fails (e.g. wandb's
+        service process killed by the same SIGTERM that asks the run to save) is dropped with one warning;
+        metrics.jsonl keeps every row."""
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 - any failure of an optional backend
+            setattr(self, backend, None)
+            name = {"wandb": "Weights & Biases", "tb": "TensorBoard"}[backend]
+            print(f"warning: {name} logging failed ({type(exc).__name__}: {str(exc).strip()[:200]}); "
+                  "continuing with metrics.jsonl only", file=sys.stderr, flush=True)
 
 
 def continue_curve(path: Path, resume_step: Optional[int]) -> None:

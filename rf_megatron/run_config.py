@@ -27,6 +27,9 @@ class DataConfig:
     paths: List[str] = field(default_factory=list)
     tokenizer_model: Optional[str] = None
     split: str = "98,1,1"  # train,valid,test weights
+    # a held-out validation set of its own (Megatron-LM's --valid-data-path): prefixes or a blend; then
+    # data.split must give validation nothing (e.g. 100,0,0)
+    valid_paths: List[str] = field(default_factory=list)
     cache_dir: Optional[str] = None
 
 
@@ -38,7 +41,9 @@ class TrainConfig:
     seed: int = 1234
     log_interval: int = 10
     eval_interval: int = 100  # 0: only at the end
-    eval_steps: int = 4
+    eval_steps: int = 4  # global batches per evaluation: always the same first samples of the validation set
+    eval_full: bool = False  # score the whole validation set at every evaluation (eval_steps is then ignored)
+    eval_only: bool = False  # evaluate once (the checkpoint resumed, else the initialisation) and exit: no training
     lambda_log_interval: int = 100  # per-layer lambdas of learnable variants
     nan_policy: str = "stop"  # stop | skip: what a NaN/Inf loss or grad norm does
     exit_duration_mins: Optional[float] = None  # save and exit cleanly after this wall time

@@ -23,7 +23,7 @@ from .metrics import MetricsLogger
 from .model import unwrap
 from .run_config import RunConfig, save_yaml, to_dict
 from .schedule import forward_backward
-from .training_loop import TrainingLoop
+from .training_loop import TrainingLoop, stop_if_finished
 
 
 def _loss_func(loss_mask, output_tensor):
@@ -55,6 +55,7 @@ class Trainer(TrainingLoop):
     """Megatron-Core engine: TP / SP / PP (1F1B, interleaved) / DP with the (distributed) optimizer."""
 
     def __init__(self, cfg: RunConfig):
+        stop_if_finished(cfg)
         self.cfg = cfg
         self.device = select_device()  # before the config checks: a GPU job without GPUs stops here
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -140,14 +141,15 @@ class Trainer(TrainingLoop):
         self.scheduler.step(increment=1)
         return loss, grad_norm, ok
 
-    def evaluate(self) -> float:
+    def evaluate(self):
         t = self.cfg.train
         for m in self.model:
             m.eval()
-        stream = MicrobatchStream(self.valid_ds, t.global_batch_size, t.micro_batch_size)
+        batches, samples = self.validation_window()
+        stream = MicrobatchStream(self.valid_ds, t.global_batch_size, t.micro_batch_size, limit=samples)
         stats = torch.zeros(2, dtype=torch.float64, device=current_device())
         with torch.no_grad():
-            for _ in range(t.eval_steps):
+            for _ in range(batches):
                 for item in self._run_batch(stream.next_global_batch(), forward_only=True):
                     stats += item["lm loss"].double()
         for m in self.model:
@@ -155,7 +157,7 @@ class Trainer(TrainingLoop):
         if not (self.ps.is_pipeline_last_stage(ignore_virtual=True) and self.ps.get_tensor_model_parallel_rank() == 0):
             stats.zero_()
         dist.all_reduce(stats)
-        return (stats[0] / stats[1].clamp(min=1)).item()
+        return (stats[0] / stats[1].clamp(min=1)).item(), int(stats[1].item())
 
     def lambdas(self) -> Dict[str, float]:
         """Per-layer (lambda1, lambda2) of learnable variants, gathered from every stage."""

@@ -27,6 +27,31 @@ class TrainingStopped(RuntimeError):
     """A NaN/Inf under nan_policy=stop: a clear message instead of a corrupted run."""
 
 
+class AlreadyFinished(Exception):
+    """checkpoint.dir already holds the run's last step: nothing to train (a re-run sweep, a resubmitted job)."""
+
+
+def stop_if_finished(cfg) -> None:
+    """Before anything slow: a run whose latest checkpoint reached train.train_steps ends at once (exit 0) instead
+    of loading the model to train nothing and log its final evaluation a second time."""
+    from .checkpoint_dir import MANIFEST, CheckpointError, latest_checkpoint, read_train_state, verify_checkpoint
+
+    ckpt = cfg.checkpoint
+    if not ckpt.dir or not ckpt.resume or ckpt.start_over or cfg.train.eval_only:
+        return
+    try:
+        path = latest_checkpoint(ckpt.dir)
+        step = read_train_state(path)["step"] if path else None
+    except (CheckpointError, OSError, ValueError, KeyError):
+        return  # the trainer's own checks say what is wrong
+    if step is None or step < cfg.train.train_steps:
+        return
+    if (path / MANIFEST).is_file() and verify_checkpoint(path) is None:  # a damaged one: the trainer falls back
+        raise AlreadyFinished(f"{cfg.name}: already finished ({path} is step {step}, train.train_steps="
+                              f"{cfg.train.train_steps}): nothing to do (raise train.train_steps to train on, or "
+                              "checkpoint.start_over=true to train again)")
+
+
 class TrainingLoop:
     """Subclasses set `cfg`, `step`, `stream` (a MicrobatchStream), `metrics` (a MetricsLogger) and
     `flops_per_token`, and implement the engine hooks below."""
@@ -36,7 +61,8 @@ class TrainingLoop:
         """One optimizer step: (global mean loss, grad norm, whether the update was applied)."""
         raise NotImplementedError
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> Tuple[float, int]:
+        """(token-weighted mean validation loss, tokens scored) over `validation_window()`, on every rank."""
         raise NotImplementedError
 
     def lambdas(self) -> Dict[str, float]:
@@ -122,6 +148,8 @@ class TrainingLoop:
         window_loss, window_steps, window_seconds = 0.0, 0, 0.0
         result = {}
         try:
+            if t.eval_only:
+                return {"valid_loss": self._log_eval(), "step": self.step}
             while self.step < t.train_steps:
                 step_start = time.time()
                 loss, grad_norm, _ = self.train_step()  # returns host floats: the step has finished
@@ -179,10 +207,21 @@ class TrainingLoop:
             f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | {tflops:.3f} TFLOP/s/device | "
             f"MFU {f'{100 * mfu:.2f}%' if mfu is not None else 'n/a'}"))
 
+    def validation_window(self) -> Tuple[int, int]:
+        """(global batches, samples) one evaluation scores: the first eval_steps global batches of the validation
+        set, or all of it (train.eval_full); never a sample twice (a last partial batch is padded, masked out)."""
+        t = self.cfg.train
+        n = len(self.valid_ds)
+        samples = n if t.eval_full else min(t.eval_steps * t.global_batch_size, n)
+        return -(-samples // t.global_batch_size), samples
+
     def _log_eval(self) -> float:
-        loss = self.evaluate()
-        self.metrics.log(self.step, {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50))},
-                         console=f"step {self.step:>6} | validation loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f}")
+        if getattr(self, "valid_ds", None) is None:  # data.split without a validation part
+            return float("nan")
+        loss, tokens = self.evaluate()
+        ppl = math.exp(min(loss, 50))
+        self.metrics.log(self.step, {"valid_loss": loss, "valid_ppl": ppl, "valid_tokens": tokens},
+                         console=f"step {self.step:>6} | validation loss {loss:.4f} | ppl {ppl:.2f} | {tokens:,} tokens")
         return loss
 
 
@@ -205,12 +244,18 @@ def _say(msg: str) -> None:
 def run_entry_point(build: Callable[[], "TrainingLoop"]) -> int:
     """What both pretrain/ scripts do: build the trainer (a ConfigError -> one `error:` line, exit 2),
     train, shut down; say how to resume when the run stopped early."""
+    from . import child_lifetime
     from .config import ConfigError
     from .quiet import silence_known_warnings
 
     silence_known_warnings()
+    child_lifetime.install()  # helper processes (checkpoint writers) never outlive the trainer
     try:
         trainer = build()
+    except AlreadyFinished as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(str(exc), flush=True)
+        return 0
     except ConfigError as exc:
         # Config errors are the same on every rank: rank 0 says it. A damaged checkpoint file may fail on
         # one rank only (the one reading it), while the others wait in a collective: that rank says it.
@@ -233,7 +278,9 @@ def run_entry_point(build: Callable[[], "TrainingLoop"]) -> int:
         _exit_now(1)
     trainer.close()
     if "stopped" in result and result.get("saved") and int(os.environ.get("RANK", "0")) == 0:
-        print(f"stopped at step {result['step']} ({result['stopped']}); rerun the same command to resume", flush=True)
+        how = ("slurm/pretrain.sbatch requeues the job after a time-limit or preemption warning, and resubmitting "
+               "the experiment resumes it" if os.environ.get("SLURM_JOB_ID") else "rerun the same command to resume")
+        print(f"stopped at step {result['step']} ({result['stopped']}); {how}", flush=True)
     return 0
 
 

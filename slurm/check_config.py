@@ -26,12 +26,20 @@ from rf_megatron.run_config import RunConfig, load_run_config  # noqa: E402
 
 
 def _writable_dir(option: str, path: str) -> None:
-    """Create `path` if needed and prove a file can be written in it."""
-    p = Path(path)
+    """`path` accepts new files (or, not there yet, its nearest existing parent would let it be made). Nothing is
+    created: a refused or --dry-run submission leaves no directories behind."""
+    p = Path(path).absolute()
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{option}={path} is not writable (Not a directory)")
     try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".rf-write-test-"):
-            pass
+        if probe == p:  # a real write: read-only mounts and quotas show up here, not in os.access
+            with tempfile.NamedTemporaryFile(dir=p, prefix=".rf-write-test-"):
+                pass
+        elif not os.access(probe, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise ConfigError(f"{option}={path} is not writable ({reason})") from None

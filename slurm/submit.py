@@ -52,6 +52,80 @@ def sweep_lines(path: Path):
     return [line for line in lines if line and not line.startswith("#")]
 
 
+def time_limit_seconds(limit: str) -> int:
+    """sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
+    days, _, rest = limit.partition("-") if "-" in limit else ("0", "", limit)
+    parts = [int(p) for p in rest.split(":")]
+    if "-" in limit:
+        h, m, s = (parts + [0, 0])[:3]
+    elif len(parts) == 1:
+        h, m, s = 0, parts[0], 0
+    elif len(parts) == 2:
+        h, m, s = 0, parts[0], parts[1]
+    else:
+        h, m, s = parts[:3]
+    return ((int(days) * 24 + h) * 60 + m) * 60 + s
+
+
+def check_signal_lead(limit, signal_seconds: int) -> None:
+    """The save-and-requeue warning must leave the job time to train: at most half the time limit."""
+    if not limit or not signal_seconds:
+        return
+    try:
+        seconds = time_limit_seconds(limit)
+    except ValueError:
+        raise ConfigError(f"--time {limit}: use minutes, HH:MM:SS or D-HH:MM:SS") from None
+    if signal_seconds * 2 > seconds:
+        raise ConfigError(f"--signal-seconds {signal_seconds} is more than half of --time {limit} ({seconds} s): the "
+                          "save-and-requeue signal would come almost at once in every run; use a longer --time or "
+                          f"--signal-seconds <= {seconds // 2}")
+
+
+def _partition(name):
+    """(name, fields) of the named or the default partition, from `scontrol show partition -o`."""
+    proc = subprocess.run(["scontrol", "show", "partition", "-o", *([name] if name else [])],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ConfigError(f"--partition {name}: {proc.stderr.strip() or 'not found'}")
+    for line in proc.stdout.splitlines():
+        fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+        if name or fields.get("Default") == "YES":
+            return fields.get("PartitionName"), fields
+    return None, {}
+
+
+def check_partition(name, nodes: int, tasks_per_node: int, gpus_per_node: int) -> None:
+    """Refuse what the partition can never run (it would pend forever): too many nodes, more tasks per node than a
+    node has CPUs, more GPUs per node than a node has."""
+    part, fields = _partition(name)
+    if not part:
+        return
+    limit = min(int(v) for v in (fields.get("TotalNodes"), fields.get("MaxNodes")) if v and v.isdigit())
+    if nodes > limit:
+        raise ConfigError(f"--nodes {nodes}: partition {part} has {limit} node(s)")
+    proc = subprocess.run(["sinfo", "-h", "-N", "-p", part, "-o", "%c %G"], capture_output=True, text=True)
+    rows = [line.split() for line in proc.stdout.splitlines() if line.strip()]
+    if proc.returncode != 0 or not rows:
+        return
+    cpus = max(int(r[0].rstrip("+")) for r in rows)
+    if tasks_per_node > cpus:
+        raise ConfigError(f"--ntasks-per-node {tasks_per_node}: the nodes of partition {part} have at most {cpus} CPUs")
+    gpus = max(_gres_gpus(r[1] if len(r) > 1 else "") for r in rows)
+    if gpus_per_node > gpus:
+        hint = " (a CPU-only partition: --gpus-per-node 0)" if gpus == 0 else ""
+        raise ConfigError(f"--gpus-per-node {gpus_per_node}: the nodes of partition {part} have {gpus} GPU(s){hint}")
+
+
+def _gres_gpus(gres: str) -> int:
+    """GPUs in a sinfo %G field such as 'gpu:8', 'gpu:h100:8(S:0-1)' or '(null)'."""
+    total = 0
+    for item in gres.split(","):
+        bits = item.split("(")[0].split(":")
+        if bits[0] == "gpu" and bits[-1].isdigit():
+            total += int(bits[-1])
+    return total
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="preset name or YAML path (not with --sweep)")
@@ -115,15 +189,17 @@ def main(argv=None) -> int:
             exp = args.exp or default_exp(args.config, args.overrides)
             if not args.no_check:
                 check(args.config, exp_overrides(exp, args.runs) + args.overrides, world, layout, args.engine)
+        check_signal_lead(args.time, args.signal_seconds)
         if not shutil.which("sbatch") and not args.dry_run:
             raise ConfigError("sbatch not found: is this a SLURM login node? (slurm/local-cluster/start.sh "
                               "starts a local cluster)")
+        if shutil.which("scontrol"):
+            check_partition(args.partition, args.nodes, args.ntasks_per_node, args.gpus_per_node)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
     out_dir = Path(args.runs) / exp
-    out_dir.mkdir(parents=True, exist_ok=True)
     cmd = ["sbatch", "--parsable", f"--job-name={exp.replace('/', '-')}", f"--nodes={args.nodes}",
            f"--ntasks-per-node={args.ntasks_per_node}"]
     if args.gpus_per_node:
@@ -153,6 +229,7 @@ def main(argv=None) -> int:
         print(f"RF_REPO={shlex.quote(str(REPO))} RF_EXP={shlex.quote(exp)} RF_RUNS={shlex.quote(args.runs)} "
               f"RF_ENGINE={args.engine} {shown}")
         return 0
+    out_dir.mkdir(parents=True, exist_ok=True)  # sbatch writes the job's log there
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"error: sbatch failed: {proc.stderr.strip() or proc.stdout.strip()}", file=sys.stderr)

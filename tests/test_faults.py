@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -237,6 +238,96 @@ def test_the_exporter_refuses_a_damaged_checkpoint(copy_of):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint_to_hf.py"), "--checkpoint",
                            str(copy_of / "ckpt"), "--output", str(copy_of / "hf")], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode != 0 and "run_config.yaml has" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def one_document(data, tmp_path_factory):
+    """A dataset preprocessed from one plain-text file: a single document."""
+    root = tmp_path_factory.mktemp("one_doc")
+    texts = [json.loads(line)["text"] for line in open(data / "corpus.jsonl")][:40]
+    (root / "book.txt").write_text(" ".join(texts))
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(root / "book.txt"),
+                           "--tokenizer-model", str(data / "tok.model"), "--output-prefix", str(root / "book")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    return root / "book"
+
+
+def test_a_split_too_small_for_one_sample_is_one_line_not_a_hang(data, one_document, tmp_path):
+    """One document with the default 98,1,1 split leaves validation and test empty: Megatron used to loop forever."""
+    line = one_error_line(train(data, tmp_path, check=False, **{"data.paths": f"[{one_document}]",
+                                                                 "data.split": "98,1,1"}))
+    assert "data.split=98,1,1 gives the validation split 0 of its 1 document(s), 0 tokens" in line, line
+    assert "--split-text-on-blank-lines" in line and "data.split=100,0,0" in line
+
+
+def test_training_without_a_validation_split_works(data, one_document, tmp_path):
+    proc = train(data, tmp_path, **{"data.paths": f"[{one_document}]", "data.split": "100,0,0",
+                                    "train.eval_interval": 2, "train.train_steps": 4})
+    assert "has no validation split: training without evaluation" in proc.stdout
+    rows = [json.loads(line) for line in open(tmp_path / "log" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "last_loss" in r] == [1, 2, 3, 4] and not any("valid_loss" in r for r in rows)
+    assert (tmp_path / "ckpt" / "latest").read_text() == "iter_0000004"
+
+
+def test_kill_9_of_the_trainer_takes_its_helper_processes_along(data, tmp_path):
+    """Checkpoint-writer helpers used to be re-parented to init and outlive a killed rank (holding a SLURM step's
+    output open, so every requeue waited 60 s): they die with the trainer (issue #18)."""
+    import psutil
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RF_MEGATRON_CPU": "1", "RANK": "0",
+           "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    proc = subprocess.Popen([sys.executable, str(TRAIN), "--config", "tiny_cpu", *overrides(
+        data, tmp_path, **{"train.train_steps": 400, "checkpoint.save_interval": 1, "checkpoint.keep_last": 1})],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    helpers = []
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "ckpt" / "iter_0000002").is_dir():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        helpers = psutil.Process(proc.pid).children(recursive=True)
+        assert helpers, "no helper processes to check"
+        proc.kill()
+        proc.wait()
+        gone, alive = psutil.wait_procs(helpers, timeout=15)
+        assert not alive, [(p.pid, p.cmdline()[:3]) for p in alive]
+    finally:
+        proc.kill()
+        for p in helpers:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+
+def plant_payload(ckpt, marker):
+    """A `.metadata` that runs `touch marker` when unpickled, with the manifest rewritten to match (an attacker who
+    can write the checkpoint can write its manifest too)."""
+    import hashlib
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (ckpt / ".metadata").write_bytes(pickle.dumps(Payload()))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    raw = (ckpt / ".metadata").read_bytes()
+    manifest["files"][".metadata"] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_crafted_metadata_runs_nothing_on_resume_or_export(data, copy_of, tmp_path):
+    marker = tmp_path / "payload-ran"
+    plant_payload(copy_of / "ckpt" / "iter_0000006", marker)
+    line = one_error_line(train(data, copy_of, check=False))
+    assert "refusing to unpickle posix.system" in line and "iter_0000006/.metadata" in line, line
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint_to_hf.py"), "--checkpoint",
+                           str(copy_of / "ckpt"), "--output", str(copy_of / "hf")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode != 0 and "refusing to unpickle posix.system" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not marker.exists()
 
 
 def test_verification_names_a_missing_file_and_a_pointer_that_names_nothing(tmp_path):

@@ -191,10 +191,22 @@ def test_a_diverging_run_stops_with_one_error_line(data, tmp_path, nan_policy):
     assert (tmp_path / "ckpt" / "latest").read_text() == "iter_0000002"
 
 
+def test_rerunning_a_finished_run_does_nothing_and_says_so(data, uninterrupted, tmp_path):
+    """A re-run sweep or a resubmitted job whose checkpoint reached train.train_steps: exit 0 at once, no model
+    built, no duplicate final-evaluation row (issue #18)."""
+    shutil.copytree(uninterrupted / "ckpt", tmp_path / "ckpt")
+    shutil.copytree(uninterrupted / "log", tmp_path / "log")
+    before = (tmp_path / "log" / "metrics.jsonl").read_text()
+    proc = train(data, tmp_path, nproc=1)
+    assert f"already finished ({tmp_path / 'ckpt' / f'iter_{STEPS:07d}'} is step {STEPS}" in proc.stdout, proc.stdout
+    assert "resumed from" not in proc.stdout and (tmp_path / "log" / "metrics.jsonl").read_text() == before
+
+
 def test_switching_optimizer_kind_on_resume_is_a_clear_error(data, uninterrupted, tmp_path):
     shutil.copytree(uninterrupted / "ckpt", tmp_path / "ckpt")  # a checkpoint saved without the distributed optimizer
     proc = torchrun(TRAIN, 2, "--config", "tiny_cpu",
-                    *overrides(data, tmp_path, **{"parallel.distributed_optimizer": "true"}), check=False)
+                    *overrides(data, tmp_path, **{"parallel.distributed_optimizer": "true",
+                                                  "train.train_steps": STEPS + 2}), check=False)
     assert proc.returncode != 0 and "error: " in proc.stderr and "distributed_optimizer=false" in proc.stderr
 
 

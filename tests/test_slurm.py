@@ -263,6 +263,28 @@ def test_time_limit_checkpoints_requeues_and_resumes_exactly(cluster, data, tmp_
     assert got_valid == pytest.approx(want_valid, rel=0, abs=1e-6)
 
 
+def test_scancel_with_wandb_on_still_saves(cluster, data, tmp_path):
+    """A plain `scancel` (SIGTERM to every process of the step, wandb's service process included) with wandb on,
+    as in the presets: the trainer saves the step it is on; a wandb that dies with the job is dropped with a
+    warning instead of taking the checkpoint with it (issue #18)."""
+    args = ("tiny_cpu", *overrides(data, steps=400, **{"logging.wandb_project": "rf-test"}))
+    job = sbatch("pretrain.sbatch", *args, env=job_env(tmp_path, RF_EXP="cancelled"),
+                 sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--time=10", f"--output={tmp_path}/job-%j.out"])
+    run = tmp_path / "cancelled"
+    try:
+        wait_for(lambda: (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3,
+                 300, "the job to train 3 steps")
+        assert (run / "wandb").is_dir()  # wandb is really on
+        subprocess.run(["scancel", job], check=True)
+        (rec,) = wait_jobs(job, timeout=120)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    log = log_text(rec)
+    stopped = int(re.search(r"signal SIGTERM: saving at step (\d+) and exiting", log).group(1))
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"iter_{stopped:07d}", log[-3000:]
+    assert 3 <= stopped < 400 and "Traceback" not in log, log[-3000:]
+
+
 def test_sweep_array_throttled_each_task_writes_metrics(cluster, data, tmp_path):
     """slurm/submit.py --sweep: one array task per line, at most 2 at a time, own metrics each."""
     common = " ".join(overrides(data, steps=6, **{"parallel.tensor_parallel": 1}))
@@ -328,7 +350,16 @@ def test_preflight_errors_are_one_line_and_launch_nothing(cluster, data, tmp_pat
             submit("tiny_cpu", *overrides(data), f"checkpoint.dir={blocker}/ckpt"),
         "error: world size 3 (1 node(s) x 3 task(s)) is not divisible by "
         "tensor_parallel*pipeline_parallel*context_parallel=2": submit("tiny_cpu", *overrides(data), tasks=3),
+        # what the partition can never run used to pend forever (issue #18)
+        "error: --nodes 3: partition debug has 2 node(s)": submit("tiny_cpu", *overrides(data), nodes=3, tasks=2),
+        "error: --ntasks-per-node 8: the nodes of partition debug have at most 4 CPUs":
+            submit("tiny_cpu", *overrides(data), tasks=8),
+        "error: --gpus-per-node 2: the nodes of partition debug have 0 GPU(s) (a CPU-only partition: --gpus-per-node 0)":
+            submit("--gpus-per-node", "2", "tiny_cpu", *overrides(data)),
+        "error: --signal-seconds 300 is more than half of --time 2 (120 s)":
+            submit("--time", "2", "tiny_cpu", *overrides(data)),
     }
+    dry = submit("--dry-run", "tiny_cpu", *overrides(data))
     # the same check inside the batch script, for jobs submitted with plain sbatch
     job = sbatch("pretrain.sbatch", "tiny_cpu", *overrides(data), env=job_env(tmp_path, RF_EXP="bad"),
                  sbatch_args=["--nodes=1", "--ntasks-per-node=3", f"--output={tmp_path}/job-%j.out"])
@@ -343,4 +374,6 @@ def test_preflight_errors_are_one_line_and_launch_nothing(cluster, data, tmp_pat
     assert errors == ["error: world size 3 (1 node(s) x 3 task(s)) is not divisible by "
                       "tensor_parallel*pipeline_parallel*context_parallel=2"], log
     assert "rendezvous" not in log and "nothing was launched" in log
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("slurm-*.out"))
+    out, err = dry.communicate(timeout=120)
+    assert dry.returncode == 0 and "sbatch --parsable" in out, err
+    assert not (tmp_path / "runs").exists()  # neither the refusals nor --dry-run left directories behind

@@ -57,8 +57,13 @@ def check_shard_files(it: Path) -> None:
     """Every data file named by the torch_dist metadata must exist."""
     from torch.distributed.checkpoint import FileSystemReader
 
+    from ..safe_metadata import UnsafeCheckpoint, install
+
+    install()  # opening a checkpoint never runs code (rf_megatron/safe_metadata.py)
     try:
         metadata = FileSystemReader(str(it)).read_metadata()
+    except UnsafeCheckpoint as exc:
+        raise ConversionError(str(exc)) from None
     except Exception as exc:  # a truncated or foreign .metadata
         raise ConversionError(f"incomplete checkpoint {it}: cannot read .metadata ({type(exc).__name__})") from None
     files = sorted({info.relative_path for info in (metadata.storage_data or {}).values()})
@@ -140,6 +145,9 @@ def load_megatron_model(it: Path, cfg):
 
     parallel = ParallelConfig()  # fp32; dist_checkpointing casts bf16 checkpoints on load
     model = build_model_chunks(cfg.model, build_transformer_config(cfg.model, parallel, cpu=True))[0]
+    from ..safe_metadata import install
+
+    install()
     try:
         loaded = dist_checkpointing.load({"model0": model.sharded_state_dict()}, str(it))
     except Exception as exc:

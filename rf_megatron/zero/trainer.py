@@ -33,7 +33,7 @@ from ..config import ConfigError
 from ..device import init_process_group, on_gpu, select_device, to_device
 from ..hf.weights import uses_remote_code
 from ..run_config import RunConfig, save_yaml, to_dict
-from ..training_loop import TrainingLoop
+from ..training_loop import TrainingLoop, stop_if_finished
 from . import ds_config
 from .hf_model import build_fresh, hf_state, load_folder, param_groups, read_folder_config, save_folder
 
@@ -78,6 +78,7 @@ class DeepSpeedTrainer(TrainingLoop):
         from ..flops import parameter_counts, training_flops_per_token
         from ..metrics import MetricsLogger
 
+        stop_if_finished(cfg)
         self.cfg = cfg
         self.device = select_device(megatron=False)  # DeepSpeed's own accelerator follows the same decision
         self.cuda = on_gpu()
@@ -157,22 +158,23 @@ class DeepSpeedTrainer(TrainingLoop):
         self.scheduler.step(increment=1)
         return loss, grad_norm, True
 
-    def evaluate(self) -> float:
+    def evaluate(self):
         from ..data import MicrobatchStream
 
         t = self.cfg.train
+        batches, samples = self.validation_window()
         stream = MicrobatchStream(self.valid_ds, t.global_batch_size, t.micro_batch_size, dp_rank=self.rank,
-                                  dp_size=self.world)
+                                  dp_size=self.world, limit=samples)
         stats = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.engine.eval()
         with torch.no_grad():
-            for _ in range(t.eval_steps):
+            for _ in range(batches):
                 for batch in stream.next_global_batch():
                     total, count = self._loss_terms(batch)
                     stats += torch.stack([total.double(), count.double()])
         self.engine.train()
         dist.all_reduce(stats)
-        return (stats[0] / stats[1]).item()
+        return (stats[0] / stats[1].clamp(min=1)).item(), int(stats[1].item())
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

@@ -76,6 +76,7 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$LOG/jobcomp.log
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
+EnforcePartLimits=ALL
 SchedulerType=sched/backfill
 # schedule every few seconds (defaults 60 s / 30 s): array tasks and requeued jobs start promptly
 SchedulerParameters=sched_interval=3,bf_interval=3

@@ -78,7 +78,7 @@ def run_variant(name, args, ps):
                 full[gname] = init if init is not None else p.detach().clone()
         load_full_weights(chunks, full)
 
-    model, config = build_model(model_cfg, parallel, cpu=True, before_ddp=same_weights_everywhere)
+    model, config = build_model(model_cfg, parallel, before_ddp=same_weights_everywhere)
     opt = build_optimizer(model, OptimConfig(lr=1e-2, min_lr=0.0, weight_decay=0.0, adam_beta2=0.999), parallel)
 
     def forward_step(data_iterator, m):

@@ -1,0 +1,123 @@
+"""Validation that measures (issue #19): a held-out set of its own (data.valid_paths), scored in a fixed order that
+no seed, interval or layout changes, optionally whole (train.eval_full), with the tokens scored logged beside the
+loss; train.eval_only scores a checkpoint without training."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, build_tiny_corpus, torchrun
+
+TRAIN = REPO / "pretrain" / "pretrain_resformer.py"
+TRAIN_DS = REPO / "pretrain" / "pretrain_hf_deepspeed.py"
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = build_tiny_corpus(tmp_path_factory.mktemp("data"))
+    # a held-out file of its own: documents the training corpus does not hold
+    texts = [json.loads(line)["text"] for line in open(root / "corpus.jsonl")]
+    with open(root / "heldout.jsonl", "w") as f:
+        for text in texts[:25]:
+            f.write(json.dumps({"text": " ".join(reversed(text.split()))}) + "\n")
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(root / "heldout.jsonl"),
+                           "--tokenizer-model", str(root / "tok.model"), "--output-prefix", str(root / "heldout")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+def overrides(data, run, **extra):
+    base = {
+        "data.paths": f"[{data / 'corpus'}]", "data.tokenizer_model": data / "tok.model",
+        "data.cache_dir": data / "cache", "data.split": "90,10,0",
+        "model.num_layers": 2, "model.hidden_size": 32, "model.num_attention_heads": 2,
+        "model.ffn_hidden_size": 64, "model.vocab_size": 384, "model.seq_length": SEQ,
+        "model.lambda_mode": "learnable",
+        "train.train_steps": 4, "train.global_batch_size": 4, "train.micro_batch_size": 2,
+        "train.log_interval": 1, "train.eval_interval": 2, "train.eval_steps": 2, "train.lambda_log_interval": 0,
+        "optim.lr_warmup_steps": 1, "optim.lr": 3e-3,
+        "checkpoint.dir": run / "ckpt", "checkpoint.save_interval": 0,
+        "logging.dir": run / "log", "logging.wandb_project": "null", "parallel.tensor_parallel": 1,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def valid_rows(run):
+    return [json.loads(line) for line in open(run / "log" / "metrics.jsonl") if "valid_loss" in line]
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """4 steps, TP1, held-out validation file, checkpoint at step 4."""
+    run = tmp_path_factory.mktemp("trained")
+    torchrun(TRAIN, 1, "--config", "tiny_cpu", *overrides(data, run, **{
+        "data.valid_paths": f"[{data / 'heldout'}]", "data.split": "100,0,0"}))
+    return run
+
+
+def heldout_samples(data):
+    """Samples in one epoch of the held-out file: GPTDataset cuts (tokens - 1) // seq of them."""
+    from rf_megatron.indexed_data import verify_indexed_dataset
+
+    _, tokens = verify_indexed_dataset(str(data / "heldout"))
+    return (tokens - 1) // SEQ
+
+
+def test_every_evaluation_scores_the_same_tokens_and_logs_how_many(trained):
+    rows = valid_rows(trained)
+    assert [r["step"] for r in rows] == [2, 4]
+    assert {r["valid_tokens"] for r in rows} == {2 * 4 * SEQ}  # eval_steps x global batch x seq
+
+
+@pytest.mark.parametrize("layout", [
+    pytest.param({"train.seed": 1, "train.eval_interval": 1}, id="tp1-other-seed-and-interval"),
+    pytest.param({"parallel.tensor_parallel": 2, "train.seed": 7}, id="tp2-other-seed"),
+    pytest.param({"parallel.pipeline_parallel": 2}, id="pp2"),
+])
+def test_a_checkpoints_validation_loss_is_the_same_in_any_layout_and_seed(data, trained, tmp_path, layout):
+    """eval_only on the step-4 checkpoint: the same samples in the same order, so the same loss (to fp32 sums)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained / "ckpt", run / "ckpt")
+    nproc = 2 if any(layout.get(k, 1) == 2 for k in ("parallel.tensor_parallel", "parallel.pipeline_parallel")) else 1
+    proc = torchrun(TRAIN, nproc, "--config", "tiny_cpu", *overrides(data, run, **{
+        "data.valid_paths": f"[{data / 'heldout'}]", "data.split": "100,0,0", "train.eval_only": "true", **layout}))
+    assert "resumed from" in proc.stdout
+    (row,) = valid_rows(run)
+    want = valid_rows(trained)[-1]
+    assert row["step"] == 4 and row["valid_tokens"] == want["valid_tokens"]
+    assert row["valid_loss"] == pytest.approx(want["valid_loss"], rel=0, abs=2e-6)
+
+
+def test_eval_full_scores_the_whole_file_once(data, trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained / "ckpt", run / "ckpt")
+    results = {}
+    for eval_steps in (1, 3):  # eval_steps no longer matters
+        torchrun(TRAIN, 1, "--config", "tiny_cpu", *overrides(data, run, **{
+            "data.valid_paths": f"[{data / 'heldout'}]", "data.split": "100,0,0", "train.eval_only": "true",
+            "train.eval_full": "true", "train.eval_steps": eval_steps}))
+        results[eval_steps] = valid_rows(run)[-1]
+    assert results[1]["valid_tokens"] == results[3]["valid_tokens"] == heldout_samples(data) * SEQ
+    assert results[1]["valid_loss"] == results[3]["valid_loss"]
+
+
+def test_deepspeed_scores_the_same_held_out_set(data, tmp_path):
+    """The DeepSpeed engine reads the same validation samples: its logged token counts match."""
+    run = tmp_path / "run"
+    torchrun(TRAIN_DS, 1, "--config", "tiny_cpu", "--deepspeed", "zero1", *overrides(data, run, **{
+        "data.valid_paths": f"[{data / 'heldout'}]", "data.split": "100,0,0", "train.eval_full": "true"}))
+    assert {r["valid_tokens"] for r in valid_rows(run)} == {heldout_samples(data) * SEQ}
+
+
+def test_a_split_and_valid_paths_both_claiming_validation_is_one_line(data, tmp_path):
+    proc = torchrun(TRAIN, 1, "--config", "tiny_cpu", *overrides(data, tmp_path, **{
+        "data.valid_paths": f"[{data / 'heldout'}]", "data.split": "90,10,0"}), check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: data.split=90,10,0 gives part of data.paths to validation and data.valid_paths is set "
+                      "too: use data.split=90,0,0 with data.valid_paths"], proc.stderr[-2000:]
