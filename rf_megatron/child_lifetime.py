@@ -5,6 +5,9 @@ rank is killed with SIGKILL (OOM killer, `scancel --signal=KILL`, slurmd after a
 to init and live on, holding the job step's output open, so slurmd waits 60 s ("Abandoning IO") before every
 requeue. Linux's PR_SET_PDEATHSIG makes the kernel kill a child when its parent dies; it is not inherited across
 fork, so every multiprocessing child sets it for itself right after it starts (`install` registers that hook).
+Spawned children (dist_checkpointing's Manager uses the spawn context) run no after-fork hooks; they start a fresh
+interpreter that re-imports the parent's main script as `__mp_main__`, so entry points call `install()` at import
+time and it sets the signal right there.
 """
 from __future__ import annotations
 
@@ -38,6 +41,10 @@ def die_with_parent(_=None) -> None:
 
 
 def install() -> None:
-    """Every multiprocessing child started from now on dies with its parent (Linux; elsewhere a no-op)."""
-    if sys.platform.startswith("linux"):
-        multiprocessing.util.register_after_fork(_HOOK, die_with_parent)
+    """Every multiprocessing child started from now on dies with its parent (Linux; elsewhere a no-op).
+    Idempotent."""
+    if not sys.platform.startswith("linux"):
+        return
+    multiprocessing.util.register_after_fork(_HOOK, die_with_parent)  # fork children; twice is harmless
+    if "__mp_main__" in sys.modules:  # we are a spawned child re-importing the main script: hooks do not run here
+        die_with_parent()
