@@ -6,7 +6,7 @@ LOGGING = ["wandb>=0.19,<0.32", "tensorboard>=2.15,<2.22"]  # tested: wandb 0.31
 HF = ["transformers>=5.10,<5.25", "safetensors<0.9", "protobuf<8"]
 SCALING = ["scipy<1.18", "pandas<3.2", "matplotlib<3.12", "pyarrow<27", "threadpoolctl<4"]
 DEEPSPEED = ["deepspeed>=0.16,<0.20"]  # tested 0.19.8
-TESTS = ["pytest>=8,<9.3", "pytest-timeout<2.5"]
+TESTS = ["pytest>=8,<9.3", "pytest-timeout<2.5", "pytest-xdist>=3.6,<3.9"]
 
 setup(
     name="rf-megatron",

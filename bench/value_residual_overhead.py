@@ -1,6 +1,8 @@
 """Step time of ResFormer and SVFormer relative to vanilla, same config and layout, one process tree.
 
     python bench/value_residual_overhead.py                       # 1 process (TP1 PP1), CPU
+    python bench/value_residual_overhead.py --layers 8 --hidden 512 --heads 8 --seq 2048 --micro-batch 8 \
+        --dtype bf16 --vocab 50304                                    # one GPU, the resformer_82m shape
     torchrun --nproc-per-node 2 bench/value_residual_overhead.py --tp 2
 
 Builds the three models side by side and alternates timed training steps between them (so drift
@@ -29,6 +31,8 @@ def main():
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="parameters (bf16 on a GPU)")
+    p.add_argument("--vocab", type=int, default=1024)
     args = p.parse_args()
 
     from rf_megatron.device import on_gpu, select_device, to_device
@@ -45,9 +49,9 @@ def main():
     from rf_megatron.schedule import forward_backward
     from rf_megatron.v1_packing import packed_width
 
-    parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp)
+    parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp, params_dtype=args.dtype)
     init_parallel(parallel)
-    vocab = 1024
+    vocab = args.vocab
     variants = {"vanilla": dict(variant="vanilla"), "resformer": dict(variant="resformer"),
                 "svformer": dict(variant="svformer")}
     runs = {}
@@ -94,7 +98,7 @@ def main():
                 times[name].append(dt)
     if dist.get_rank() == 0:
         base = statistics.median(times["vanilla"])
-        print(f"# {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads or args.heads} KV, "
+        print(f"# {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads or args.heads} KV, {args.dtype}, "
               f"seq {args.seq}, micro-batch {args.micro_batch} x {args.microbatches}, TP{args.tp} PP{args.pp}, "
               f"{args.rounds} alternating rounds; vanilla median {base * 1e3:.1f} ms/step")
         for name in ("resformer", "svformer"):

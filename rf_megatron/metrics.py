@@ -65,9 +65,26 @@ class MetricsLogger:
             call()
         except Exception as exc:  # noqa: BLE001 - any failure of an optional backend
             setattr(self, backend, None)
+            if backend == "wandb":
+                _quiet_wandb_exit()
             name = {"wandb": "Weights & Biases", "tb": "TensorBoard"}[backend]
             print(f"warning: {name} logging failed ({type(exc).__name__}: {str(exc).strip()[:200]}); "
                   "continuing with metrics.jsonl only", file=sys.stderr, flush=True)
+
+
+def _quiet_wandb_exit() -> None:
+    """wandb's own exit handler (and asyncio under it) would print a traceback per dead connection after its
+    service died: the failure was reported once already."""
+    import logging
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not getattr(getattr(unraisable, "object", None), "__module__", "").startswith("wandb"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def continue_curve(path: Path, resume_step: Optional[int]) -> None:

@@ -278,8 +278,8 @@ def run_entry_point(build: Callable[[], "TrainingLoop"]) -> int:
         _exit_now(1)
     trainer.close()
     if "stopped" in result and result.get("saved") and int(os.environ.get("RANK", "0")) == 0:
-        how = ("slurm/pretrain.sbatch requeues the job after a time-limit or preemption warning, and resubmitting "
-               "the experiment resumes it" if os.environ.get("SLURM_JOB_ID") else "rerun the same command to resume")
+        # under SLURM the job script says what comes next (slurm/pretrain.sbatch: requeue, or resubmit)
+        how = "checkpoint saved" if os.environ.get("SLURM_JOB_ID") else "rerun the same command to resume"
         print(f"stopped at step {result['step']} ({result['stopped']}); {how}", flush=True)
     return 0
 

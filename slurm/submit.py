@@ -69,6 +69,8 @@ def time_limit_seconds(limit: str) -> int:
 
 def check_signal_lead(limit, signal_seconds: int) -> None:
     """The save-and-requeue warning must leave the job time to train: at most half the time limit."""
+    from rf_megatron.config import ConfigError
+
     if not limit or not signal_seconds:
         return
     try:
@@ -83,6 +85,8 @@ def check_signal_lead(limit, signal_seconds: int) -> None:
 
 def _partition(name):
     """(name, fields) of the named or the default partition, from `scontrol show partition -o`."""
+    from rf_megatron.config import ConfigError
+
     proc = subprocess.run(["scontrol", "show", "partition", "-o", *([name] if name else [])],
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -97,6 +101,8 @@ def _partition(name):
 def check_partition(name, nodes: int, tasks_per_node: int, gpus_per_node: int) -> None:
     """Refuse what the partition can never run (it would pend forever): too many nodes, more tasks per node than a
     node has CPUs, more GPUs per node than a node has."""
+    from rf_megatron.config import ConfigError
+
     part, fields = _partition(name)
     if not part:
         return

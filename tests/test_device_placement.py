@@ -51,6 +51,7 @@ def assert_ran_on_the_simulated_gpu(proc, run, steps=2):
     assert "DeviceMismatch" not in out
 
 
+@pytest.mark.mcore_api  # Megatron's GPU code path (device init, DDP buffers, p2p, distributed optimizer)
 @pytest.mark.parametrize("layout", [
     # 1F1B pipeline: V_1 travels to the second stage in the p2p tensor; sequence-parallel TP: SP norms' grads
     pytest.param({"parallel.pipeline_parallel": 2}, id="pp2"),

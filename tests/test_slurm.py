@@ -351,7 +351,7 @@ def test_preflight_errors_are_one_line_and_launch_nothing(cluster, data, tmp_pat
         "error: world size 3 (1 node(s) x 3 task(s)) is not divisible by "
         "tensor_parallel*pipeline_parallel*context_parallel=2": submit("tiny_cpu", *overrides(data), tasks=3),
         # what the partition can never run used to pend forever (issue #18)
-        "error: --nodes 3: partition debug has 2 node(s)": submit("tiny_cpu", *overrides(data), nodes=3, tasks=2),
+        "error: --nodes 4: partition debug has 2 node(s)": submit("tiny_cpu", *overrides(data), nodes=4, tasks=1),
         "error: --ntasks-per-node 8: the nodes of partition debug have at most 4 CPUs":
             submit("tiny_cpu", *overrides(data), tasks=8),
         "error: --gpus-per-node 2: the nodes of partition debug have 0 GPU(s) (a CPU-only partition: --gpus-per-node 0)":

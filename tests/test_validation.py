@@ -13,6 +13,7 @@ from conftest import REPO, build_tiny_corpus, torchrun
 TRAIN = REPO / "pretrain" / "pretrain_resformer.py"
 TRAIN_DS = REPO / "pretrain" / "pretrain_hf_deepspeed.py"
 SEQ = 32
+pytestmark = pytest.mark.mcore_api  # Megatron's dataset builder and split matrix: every version (.ci/run)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@
 #   3. a synthetic corpus (no downloads), then 40 bf16 steps of vanilla, ResFormer identity, ResFormer learnable
 #      and SVFormer at the resformer_82m shape (seq 2048) through the real entry point
 #   4. one table: tokens/s (and relative to vanilla), MFU, TFLOP/s, peak memory, final train / validation loss
+#   5. bench/value_residual_overhead.py at that shape: step time of each variant relative to vanilla, alternating
 # RF_CHECK_OVERRIDES="key=value ..." is appended to every training command (e.g. parallel.fusions=false).
 # DRY_RUN=1 does all of it on a CPU machine: the simulated GPU (RF_MEGATRON_CPU=simulate-gpu), a tiny shape, 2 steps.
 #   bash tests/gpu/device_check.sh            RF_CHECK_OUT=DIR also copies the logs there (device_check_logs.tgz)
@@ -74,8 +75,15 @@ for spec in "${RUNS[@]}"; do
   grep -E "^step .*/" "$WORK/runs/$name.log" | tail -1
 done
 
+say "bench/value_residual_overhead.py: the three models side by side, alternating timed steps"
+if [ "$DRY" = 1 ]; then BENCH="--layers 2 --hidden 64 --heads 2 --seq 128 --rounds 2"
+else BENCH="--layers 8 --hidden 512 --heads 8 --seq 2048 --micro-batch 8 --microbatches 4 --dtype bf16 --vocab 50304 --rounds 10 --warmup 3"; fi
+RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=$((29500 + RANDOM % 1000)) \
+  timeout 300 "$PY" -W ignore bench/value_residual_overhead.py $BENCH > "$WORK/bench.log" 2>&1 || echo "bench failed (exit $?)"
+grep -E "^#|x$|bytes" "$WORK/bench.log"
+
 if [ -n "${RF_CHECK_OUT:-}" ]; then
-  mkdir -p "$RF_CHECK_OUT" && tar czf "$RF_CHECK_OUT/device_check_logs.tgz" -C "$WORK" pytest.log data.log runs 2>/dev/null
+  mkdir -p "$RF_CHECK_OUT" && tar czf "$RF_CHECK_OUT/device_check_logs.tgz" -C "$WORK" pytest.log data.log bench.log runs 2>/dev/null
 fi
 say "summary${SHAPE:+ (DRY RUN on the simulated GPU: plumbing only, no GPU figures)}"
 grep -E "passed|failed" "$WORK/pytest.log" | tail -1 | sed 's/^/pytest tests\/gpu: /'
