@@ -135,9 +135,10 @@ def load_checkpoint(path, model: List, optimizer, scheduler) -> Dict[str, Any]:
     init_optimizer_state(optimizer)
     state = _sharded_state(model, optimizer, is_loading=True, with_rng=same_layout)
     state["scheduler"] = None
-    from .safe_metadata import install
+    from .safe_metadata import check, install
 
     install()  # opening a checkpoint never runs code
+    check(path)
     loaded = dist_checkpointing.load(state, str(path))
     for i, m in enumerate(model):
         m.module.load_state_dict(loaded[f"model{i}"])

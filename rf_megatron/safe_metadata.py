@@ -61,3 +61,14 @@ def install() -> None:
 
     if not isinstance(filesystem.pickle, _RestrictedPickle):
         filesystem.pickle = _RestrictedPickle()
+
+
+def check(checkpoint_dir) -> None:
+    """Read `checkpoint_dir/.metadata` under the restrictions, before torch DCP opens it (DCP would wrap the refusal
+    in a per-rank CheckpointException with a traceback). Raises UnsafeCheckpoint."""
+    from pathlib import Path
+
+    path = Path(checkpoint_dir) / ".metadata"
+    if path.is_file():
+        with open(path, "rb") as f:
+            _RestrictedPickle.load(f)

@@ -78,3 +78,15 @@ def build_tiny_corpus(root: Path) -> Path:
                               text=True, cwd=REPO)
         assert proc.returncode == 0, proc.stderr
     return root
+
+
+# The longest test files first: CI's pytest-xdist workers take whole files in this order (--dist loadfile), so the
+# short ones fill the gaps at the end instead of one long file running alone (longest-first scheduling).
+LONGEST_FIRST = ("test_pretrain.py", "test_deepspeed.py", "test_hf_conversion.py", "test_layout_equivalence.py",
+                 "test_faults.py", "test_analysis.py", "test_validation.py", "test_device_placement.py",
+                 "test_scaling.py", "test_slurm.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept inside a file

@@ -141,7 +141,8 @@ def test_resume_same_layout_is_bitwise(data, uninterrupted, tmp_path):
 
 
 @pytest.mark.parametrize("before,after", [
-    ({}, {"parallel.tensor_parallel": 1, "parallel.pipeline_parallel": 2}),
+    # slow tier: TP -> PP resharding is also test_svformer_checkpoint_reshards_across_layouts and the converters'
+    pytest.param({}, {"parallel.tensor_parallel": 1, "parallel.pipeline_parallel": 2}, marks=pytest.mark.slow),
     ({"parallel.distributed_optimizer": "true"}, {"parallel.tensor_parallel": 1, "parallel.distributed_optimizer": "true"}),
 ], ids=["tp2_to_pp2", "tp2_to_dp2_distopt"])
 def test_resume_into_another_layout(data, uninterrupted, tmp_path, before, after):
@@ -226,6 +227,7 @@ def _wait_for(predicate, proc, timeout=300):
         time.sleep(0.005)
 
 
+@pytest.mark.slow  # the SLURM tests run the same signal -> save -> resume-exactly path on a real cluster
 def test_sigterm_saves_exits_zero_and_resumes_exactly(data, tmp_path):
     long = {"train.train_steps": 200}  # far more steps than we let it run
     proc = _launch(data, tmp_path / "cut", **long)
