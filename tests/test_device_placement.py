@@ -51,10 +51,10 @@ def assert_ran_on_the_simulated_gpu(proc, run, steps=2):
     assert "DeviceMismatch" not in out
 
 
-@pytest.mark.mcore_api  # Megatron's GPU code path (device init, DDP buffers, p2p, distributed optimizer)
 @pytest.mark.parametrize("layout", [
-    # 1F1B pipeline: V_1 travels to the second stage in the p2p tensor; sequence-parallel TP: SP norms' grads
-    pytest.param({"parallel.pipeline_parallel": 2}, id="pp2"),
+    # 1F1B pipeline: V_1 travels to the second stage in the p2p tensor (also on Megatron-Core 0.19: its GPU code
+    # path, device init and p2p buffers); sequence-parallel TP: SP norms' grads
+    pytest.param({"parallel.pipeline_parallel": 2}, id="pp2", marks=pytest.mark.mcore_api),
     pytest.param({"parallel.tensor_parallel": 2, "parallel.sequence_parallel": "true", "model.variant": "svformer",
                   "model.lambda_mode": "identity"}, id="tp2_sp_svformer"),
     # data parallel with Megatron's distributed optimizer, learnable_plus's model-wide lambdas

@@ -267,13 +267,15 @@ def test_scancel_with_wandb_on_still_saves(cluster, data, tmp_path):
     """A plain `scancel` (SIGTERM to every process of the step, wandb's service process included) with wandb on,
     as in the presets: the trainer saves the step it is on; a wandb that dies with the job is dropped with a
     warning instead of taking the checkpoint with it (issue #18)."""
-    args = ("tiny_cpu", *overrides(data, steps=400, **{"logging.wandb_project": "rf-test"}))
+    # periodic checkpoints, as in a real run: the first save (which starts dist_checkpointing's helper processes)
+    # is behind us when scancel comes, so the stop's save fits in SLURM's KillWait even on a loaded CI machine
+    args = ("tiny_cpu", *overrides(data, steps=400, **{"logging.wandb_project": "rf-test", "checkpoint.save_interval": 2}))
     job = sbatch("pretrain.sbatch", *args, env=job_env(tmp_path, RF_EXP="cancelled"),
                  sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--time=10", f"--output={tmp_path}/job-%j.out"])
     run = tmp_path / "cancelled"
     try:
-        wait_for(lambda: (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3,
-                 300, "the job to train 3 steps")
+        wait_for(lambda: (run / "checkpoints" / "latest").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3,
+                 300, "the job to train 3 steps and save once")
         assert (run / "wandb").is_dir()  # wandb is really on
         subprocess.run(["scancel", job], check=True)
         (rec,) = wait_jobs(job, timeout=120)

@@ -74,7 +74,6 @@ def test_every_evaluation_scores_the_same_tokens_and_logs_how_many(trained):
     assert {r["valid_tokens"] for r in rows} == {2 * 4 * SEQ}  # eval_steps x global batch x seq
 
 
-@pytest.mark.mcore_api  # Megatron's dataset builder and split matrix: every version (.ci/run)
 @pytest.mark.parametrize("layout", [
     pytest.param({"train.seed": 1, "train.eval_interval": 1}, id="tp1-other-seed-and-interval"),
     pytest.param({"parallel.tensor_parallel": 2, "train.seed": 7}, id="tp2-other-seed"),
