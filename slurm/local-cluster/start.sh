@@ -90,7 +90,8 @@ SlurmdParameters=config_overrides
 DependencyParameters=kill_invalid_depend
 SlurmctldTimeout=30
 SlurmdTimeout=60
-KillWait=30  # SLURM's default: SIGTERM -> SIGKILL; a stop's checkpoint must fit in it
+# SLURM's default grace between SIGTERM and SIGKILL: a stop's checkpoint must fit in it
+KillWait=30
 # finished jobs stay visible to 'scontrol show job' for this long
 MinJobAge=600
 $NODELINES
