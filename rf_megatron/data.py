@@ -62,8 +62,9 @@ def check_splits(paths: List[str], split: str, seq_length: int) -> None:
 
 
 def build_datasets(paths: List[str], split: str, seq_length: int, tokenizer, seed: int,
-                   num_samples: List[int], cache_dir=None):
-    """[train, valid, test] GPTDatasets (None where a split is empty)."""
+                   num_samples: List, cache_dir=None, only_split: Optional[int] = None):
+    """[train, valid, test] GPTDatasets (None where a split is empty). `only_split` (0, 1 or 2): build that split
+    alone, over the documents `split` gives it."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.core.datasets.utils import get_blend_from_list
@@ -73,6 +74,8 @@ def build_datasets(paths: List[str], split: str, seq_length: int, tokenizer, see
         tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
         create_attention_mask=False, path_to_cache=str(cache_dir) if cache_dir else None,
     )
+    if only_split is not None:
+        config.split_matrix = [m if i == only_split else None for i, m in enumerate(config.split_matrix)]
     if cache_dir:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
     return BlendedMegatronDatasetBuilder(GPTDataset, num_samples, lambda: True, config).build()
@@ -129,10 +132,6 @@ def build_train_valid(cfg, tokenizer):
 
 
 def _build_valid(cfg, tokenizer, weights):
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-    from megatron.core.datasets.utils import get_blend_from_list
-
     d, t = cfg.data, cfg.train
     if d.valid_paths:
         check_splits(d.valid_paths, "0,100,0", cfg.model.seq_length)
@@ -141,20 +140,14 @@ def _build_valid(cfg, tokenizer, weights):
         paths, split = d.paths, d.split
     else:
         return None
-    blend = get_blend_from_list(paths)
-    weighted = blend[1] is not None
+    weighted = _prefixes(paths) != list(paths)
     if weighted and t.eval_full:
         raise ConfigError("train.eval_full needs an unweighted validation set (a weighted blend has no whole to "
                           "score): list the validation prefixes without weights")
-    config = GPTDatasetConfig(
-        random_seed=VALID_SEED, sequence_length=cfg.model.seq_length, blend=blend, split=split, tokenizer=tokenizer,
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
-        path_to_cache=str(d.cache_dir) if d.cache_dir else None,
-    )
-    config.split_matrix = [None, config.split_matrix[1], None]  # build the validation split alone
     # unweighted: exactly one epoch; a weighted blend needs a size: what one evaluation reads
     size = t.eval_steps * t.global_batch_size if weighted else None
-    return BlendedMegatronDatasetBuilder(GPTDataset, [0, size, 0], lambda: True, config).build()[1]
+    return build_datasets(paths, split, cfg.model.seq_length, tokenizer, VALID_SEED, [0, size, 0], d.cache_dir,
+                          only_split=1)[1]
 
 
 def causal_mask(seq_length: int) -> torch.Tensor:
