@@ -108,7 +108,7 @@ def prepare_fresh_run(root, start_over: bool, rank0: bool) -> None:
     if rank0:
         aside = root / time.strftime("previous-%Y%m%d-%H%M%S")
         aside.mkdir()
-        for item in [*root.glob("iter_*"), root / LATEST]:
+        for item in [*root.glob("iter_*"), root / LATEST, root / "health.json"]:
             if item.exists():
                 item.rename(aside / item.name)
         print(f"checkpoint.start_over: moved the earlier checkpoints in {root} to {aside}", flush=True)
@@ -139,14 +139,18 @@ def commit(root: Path, name: str, keep_last: int) -> None:
 
 def prune(root: Path, committed: Path, keep_last: int) -> None:
     """Keep the `keep_last` newest checkpoints of `committed`'s lineage up to it; never touch another
-    lineage's checkpoints or newer ones."""
+    lineage's checkpoints, newer ones, or the newest one known healthy (a divergence can rewind to it)."""
+    from .checkpoint_health import newest_healthy
+
     if keep_last <= 0:
         return
     run_id, step = read_train_state(committed).get("run_id"), step_of(committed)
     ours = [p for p in complete_checkpoints(root)
             if step_of(p) < step and _run_id_of(p) == run_id]
+    healthy = newest_healthy(root)
     for old in ours[:max(len(ours) - (keep_last - 1), 0)]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != healthy:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _run_id_of(path: Path) -> Optional[str]:

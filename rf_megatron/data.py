@@ -12,12 +12,13 @@ import torch
 from .config import ConfigError
 
 
-def _prefixes(paths: List[str]) -> List[str]:
-    """Blend lists alternate weight and prefix: ["0.3", "a", "0.7", "b"]; plain lists are prefixes."""
+def blend_prefixes(paths: List[str]) -> List[str]:
+    """The dataset prefixes of a data option: blend lists alternate weight and prefix (["0.3", "a", "0.7", "b"]);
+    plain lists are prefixes."""
     try:
         float(paths[0])
-        return paths[1::2]
-    except ValueError:
+        return list(paths[1::2])
+    except (IndexError, ValueError):
         return list(paths)
 
 
@@ -28,7 +29,7 @@ def check_data(paths: List[str], vocab_size: int, tokenizer) -> None:
     if vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({tokenizer.vocab_size}, {tokenizer.model_path})")
-    for prefix in _prefixes(paths):
+    for prefix in blend_prefixes(paths):
         try:
             verify_indexed_dataset(prefix)
             top = max_token_id(prefix)
@@ -38,16 +39,17 @@ def check_data(paths: List[str], vocab_size: int, tokenizer) -> None:
             raise ConfigError(f"{prefix}.bin holds token id {top} >= model.vocab_size={vocab_size}")
 
 
-def check_splits(paths: List[str], split: str, seq_length: int) -> None:
+def check_splits(paths: List[str], split: str, seq_length: int, training: bool = True) -> None:
     """Every non-empty split of every dataset must hold at least one sample (seq_length + 1 tokens): Megatron
-    loops forever on an empty one (GPTDataset._get_num_epochs) and fails late on a too-small one."""
+    loops forever on an empty one (GPTDataset._get_num_epochs) and fails late on a too-small one. `training`:
+    data.paths with data.split (else a held-out file with its own split)."""
     from .indexed_data import split_token_counts
 
-    weights = _split_weights(split)
-    if len(weights) != 3 or (weights[0] <= 0 and weights[1] <= 0):
+    weights = split_weights(split)
+    if len(weights) != 3 or sum(weights) <= 0 or (training and weights[0] <= 0):
         raise ConfigError(f"data.split={split!r}: give three weights train,valid,test (>= 0, train > 0), e.g. 98,2,0")
     need = seq_length + 1
-    for prefix in _prefixes(paths):
+    for prefix in blend_prefixes(paths):
         counts = split_token_counts(prefix, weights)
         total_docs = sum(d for d, _ in counts)
         for name, weight, (docs, tokens) in zip(("training", "validation", "test"), weights, counts):
@@ -89,67 +91,82 @@ def load_tokenizer(cfg):
         tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
     except TokenizerError as exc:
         raise ConfigError(str(exc)) from None
-    check_data(cfg.data.paths, cfg.model.vocab_size, tokenizer)
-    if cfg.data.valid_paths:
-        check_data(cfg.data.valid_paths, cfg.model.vocab_size, tokenizer)
+    for paths in (cfg.data.paths, cfg.data.valid_paths, cfg.data.test_paths):
+        if paths:
+            check_data(paths, cfg.model.vocab_size, tokenizer)
     return tokenizer
 
 
-VALID_SEED = 20241023  # the validation set's order is a property of the data, not of the run's seed
+VALID_SEED = 20241023  # the held-out sets' order is a property of the data, not of the run's seed
+HELD_OUT = {1: ("validation", "valid_paths"), 2: ("test", "test_paths")}  # split index -> (name, data option)
 
 
-def _split_weights(split: str) -> List[float]:
+def split_weights(split: str) -> List[float]:
+    """data.split as three weights (train, valid, test)."""
     import re
 
     weights = [float(w) for w in re.findall(r"[.0-9]+", str(split))]  # Megatron's parse_and_normalize_split
     return weights + [0.0] * (3 - len(weights))
 
 
-def build_train_valid(cfg, tokenizer):
-    """(train, valid) GPTDatasets, the same samples in the same order for both trainers.
+def check_held_out_sources(data) -> None:
+    """A held-out set comes from data.split's share of data.paths or from files of its own, not both."""
+    weights = split_weights(data.split)
+    for index, (name, option) in HELD_OUT.items():
+        if getattr(data, option) and weights[index] > 0:
+            fixed = ",".join(f"{w:g}" if i != index else "0" for i, w in enumerate(weights))
+            raise ConfigError(f"data.split={data.split} gives part of data.paths to {name} and data.{option} is set "
+                              f"too: use data.split={fixed} with data.{option}")
 
-    Training data is sized for the whole run and shuffled by train.seed. Validation (data.split's share of
-    data.paths, or data.valid_paths) is built on its own with a fixed seed: the same samples in the same order
-    whatever train.seed, eval_interval or the layout, one epoch (no wrap) for an unweighted set. None: no
-    validation (data.split=100,0,0 without data.valid_paths)."""
+
+def build_run_datasets(cfg, tokenizer, skip_batches: int = 0):
+    """(train, valid, test) GPTDatasets, the same samples in the same order for both trainers.
+
+    Training data is sized for the whole run and shuffled by train.seed. Each held-out set (data.split's share of
+    data.paths, or data.valid_paths / data.test_paths) is built on its own with a fixed seed: the same samples in
+    the same order whatever train.seed, eval_interval or the layout, one epoch (no wrap) for an unweighted set.
+    None: no such set (data.split gives it nothing and no paths are set). `skip_batches`: global batches a
+    rewind skips (checkpoint.rewind_to_healthy), on top of the run's own."""
     t, d = cfg.train, cfg.data
     check_splits(d.paths, d.split, cfg.model.seq_length)
-    weights = _split_weights(d.split)
-    if d.valid_paths and weights[1] > 0:
-        raise ConfigError(f"data.split={d.split} gives part of data.paths to validation and data.valid_paths is set "
-                          f"too: use data.split={weights[0]:g},0,{weights[2]:g} with data.valid_paths")
+    weights = split_weights(d.split)
     train, _, _ = build_datasets(d.paths, d.split, cfg.model.seq_length, tokenizer, t.seed,
-                                 [t.train_steps * t.global_batch_size, 0, 0], d.cache_dir)
+                                 [(t.train_steps + skip_batches) * t.global_batch_size, 0, 0], d.cache_dir)
     if train is None:
         raise ConfigError(f"data.split={d.split!r} leaves no training data")
-    valid = _build_valid(cfg, tokenizer, weights)
+    valid, test = (_build_held_out(cfg, tokenizer, weights, index) for index in HELD_OUT)
     if valid is None and t.eval_only:
         raise ConfigError(f"train.eval_only=true but data.split={d.split} leaves no validation set (set "
                           "data.valid_paths, or give data.split a validation share)")
     if valid is None and int(os.environ.get("RANK", "0")) == 0:
         print(f"note: data.split={d.split} has no validation split: training without evaluation", flush=True)
-    return train, valid
+    return train, valid, test
 
 
-def _build_valid(cfg, tokenizer, weights):
+def _build_held_out(cfg, tokenizer, weights, index: int):
+    """The validation (index 1) or test (index 2) set."""
     d, t = cfg.data, cfg.train
-    if d.valid_paths:
-        check_splits(d.valid_paths, "0,100,0", cfg.model.seq_length)
-        paths, split = d.valid_paths, "0,100,0"  # the whole files
-    elif weights[1] > 0:
+    name, option = HELD_OUT[index]
+    own_paths = getattr(d, option)
+    if own_paths:
+        split = ["0", "0", "0"]
+        split[index] = "100"
+        paths, split = own_paths, ",".join(split)  # the whole files
+        check_splits(paths, split, cfg.model.seq_length, training=False)
+    elif weights[index] > 0:
         paths, split = d.paths, d.split
     else:
         return None
-    weighted = _prefixes(paths) != list(paths)
+    weighted = blend_prefixes(paths) != list(paths)
     if weighted and t.eval_full:
-        raise ConfigError("train.eval_full needs an unweighted validation set (a weighted blend has no whole to "
-                          "score): list the validation prefixes without weights")
+        raise ConfigError(f"train.eval_full needs an unweighted {name} set (a weighted blend has no whole to "
+                          f"score): list the data.{option} prefixes without weights")
     # unweighted: exactly one epoch; a weighted blend needs a size: what one evaluation reads
     size = t.eval_steps * t.global_batch_size if weighted else None
-    return build_datasets(paths, split, cfg.model.seq_length, tokenizer, VALID_SEED, [0, size, 0], d.cache_dir,
-                          only_split=1)[1]
-
-
+    sizes = [0, 0, 0]
+    sizes[index] = size
+    return build_datasets(paths, split, cfg.model.seq_length, tokenizer, VALID_SEED, sizes, d.cache_dir,
+                          only_split=index)[index]
 def causal_mask(seq_length: int) -> torch.Tensor:
     return torch.ones(1, 1, seq_length, seq_length, dtype=torch.bool).triu(1)
 

@@ -30,6 +30,9 @@ class DataConfig:
     # a held-out validation set of its own (Megatron-LM's --valid-data-path): prefixes or a blend; then
     # data.split must give validation nothing (e.g. 100,0,0)
     valid_paths: List[str] = field(default_factory=list)
+    # a held-out test set (--test-data-path): scored once, after the last step (and by train.eval_only); then
+    # data.split must give test nothing (e.g. 100,0,0)
+    test_paths: List[str] = field(default_factory=list)
     cache_dir: Optional[str] = None
 
 
@@ -42,8 +45,11 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 100  # 0: only at the end
     eval_steps: int = 4  # global batches per evaluation: always the same first samples of the validation set
-    eval_full: bool = False  # score the whole validation set at every evaluation (eval_steps is then ignored)
+    eval_full: bool = False  # score the whole validation (and test) set at every evaluation; eval_steps is ignored
     eval_only: bool = False  # evaluate once (the checkpoint resumed, else the initialisation) and exit: no training
+    # a step whose loss exceeds this x the mean of the last 10 marks the checkpoint before it unhealthy
+    # (rf_megatron/checkpoint_health.py); 0: only non-finite values do
+    loss_spike_factor: float = 3.0
     lambda_log_interval: int = 100  # per-layer lambdas of learnable variants
     nan_policy: str = "stop"  # stop | skip: what a NaN/Inf loss or grad norm does
     exit_duration_mins: Optional[float] = None  # save and exit cleanly after this wall time
@@ -58,6 +64,9 @@ class CheckpointConfig:
     keep_last: int = 2
     resume: bool = True  # resume automatically from the latest checkpoint in dir
     start_over: bool = False  # a fresh run in a dir with checkpoints: move them aside into previous-<time>/
+    # resume from the newest checkpoint known healthy, past those a divergence marked unhealthy (moved aside),
+    # skipping the data the diverging steps read (rf_megatron/checkpoint_health.py)
+    rewind_to_healthy: bool = False
 
 
 @dataclass
@@ -98,6 +107,8 @@ class RunConfig:
         t = self.train
         if t.nan_policy not in ("stop", "skip"):
             raise ConfigError(f"train.nan_policy={t.nan_policy!r}: choose stop or skip")
+        if not (math.isfinite(t.loss_spike_factor) and (t.loss_spike_factor == 0 or t.loss_spike_factor > 1)):
+            raise ConfigError(f"train.loss_spike_factor={t.loss_spike_factor} must be > 1 (or 0: no spike check)")
         for name in ("train_steps", "global_batch_size", "micro_batch_size", "log_interval", "eval_steps"):
             if getattr(t, name) <= 0:
                 raise ConfigError(f"train.{name}={getattr(t, name)} must be positive")
@@ -122,6 +133,9 @@ class RunConfig:
             raise ConfigError("data.paths is empty: give one or more indexed dataset prefixes (tools/preprocess_data.py)")
         if not self.data.tokenizer_model:
             raise ConfigError("data.tokenizer_model is not set")
+        from .data import check_held_out_sources
+
+        check_held_out_sources(self.data)
 
 
 def _type_check(path: str, value: Any, hint) -> Any:

@@ -16,7 +16,7 @@ from . import distopt_fixes
 from .build import build_model, build_optimizer, build_scheduler, init_parallel
 from .checkpointing import load_checkpoint, save_checkpoint
 from .config import ConfigError
-from .data import MicrobatchStream, build_train_valid, chunk_iterators, load_tokenizer
+from .data import MicrobatchStream, build_run_datasets, chunk_iterators, load_tokenizer
 from .device import current_device, select_device, to_device
 from .flops import parameter_counts, training_flops_per_token
 from .metrics import MetricsLogger
@@ -27,10 +27,12 @@ from .training_loop import TrainingLoop, stop_if_finished
 
 
 def _loss_func(loss_mask, output_tensor):
+    """(mean loss of the microbatch, {"lm loss": [loss sum, tokens]}); an all-padding microbatch (the end of a
+    whole-set evaluation) counts 0 tokens."""
     mask = loss_mask.reshape(-1).float()
     total = torch.sum(output_tensor.float().reshape(-1) * mask)
-    count = mask.sum().clamp(min=1)
-    return total / count, {"lm loss": torch.stack([total.detach(), count.detach()])}
+    count = mask.sum()
+    return total / count.clamp(min=1), {"lm loss": torch.stack([total.detach(), count.detach()])}
 
 
 def _forward_step(data_iterator, model):
@@ -71,7 +73,8 @@ class Trainer(TrainingLoop):
         self.optimizer = build_optimizer(self.model, cfg.optim, cfg.parallel)
         t = cfg.train
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.train_steps)
-        self.train_ds, self.valid_ds = build_train_valid(cfg, self.tokenizer)
+        resume_from = self.find_resume_checkpoint()
+        self.train_ds, self.valid_ds, self.test_ds = build_run_datasets(cfg, self.tokenizer, self.skip_batches)
         self.step, consumed = 0, 0
         self._saved_step = None  # the step whose checkpoint exists already (no double saves)
         self.writer = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
@@ -79,7 +82,7 @@ class Trainer(TrainingLoop):
         self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
         if dist.get_rank() == 0:
             save_yaml(cfg, os.path.join(cfg.logging.dir, "config.yaml"))
-        if (path := self.find_resume_checkpoint()) is not None:
+        if (path := resume_from) is not None:
             train_state = json.loads((path / "train_state.json").read_text())
             if train_state.get("engine", "megatron") != "megatron":
                 raise ConfigError(f"{path} is a {train_state['engine']} checkpoint: resume it with "
@@ -109,6 +112,7 @@ class Trainer(TrainingLoop):
             self._saved_step = self.step
             self._print(f"resumed from {path} at step {self.step} ({consumed} samples consumed)")
             self.note_schedule_changes(path)
+            consumed = self.skip_rewound_data(consumed)
         self.stream = MicrobatchStream(self.train_ds, t.global_batch_size, t.micro_batch_size, consumed)
         self.metrics = MetricsLogger(cfg.logging.dir, cfg.name, to_dict(cfg), self.writer,
                                      cfg.logging.wandb_project, cfg.logging.tensorboard, resume_step=self._saved_step)
@@ -141,12 +145,12 @@ class Trainer(TrainingLoop):
         self.scheduler.step(increment=1)
         return loss, grad_norm, ok
 
-    def evaluate(self):
+    def evaluate(self, dataset):
         t = self.cfg.train
         for m in self.model:
             m.eval()
-        batches, samples = self.validation_window()
-        stream = MicrobatchStream(self.valid_ds, t.global_batch_size, t.micro_batch_size, limit=samples)
+        batches, samples = self.eval_window(dataset)
+        stream = MicrobatchStream(dataset, t.global_batch_size, t.micro_batch_size, limit=samples)
         stats = torch.zeros(2, dtype=torch.float64, device=current_device())
         with torch.no_grad():
             for _ in range(batches):
@@ -184,7 +188,8 @@ class Trainer(TrainingLoop):
         path = save_checkpoint(ckpt.dir, self.step, self.model, self.optimizer, self.scheduler,
                                {"engine": "megatron", "run_id": self.run_id,
                                 "consumed_samples": self.stream.consumed_samples,
-                                "distributed_optimizer": self.cfg.parallel.distributed_optimizer},
+                                "distributed_optimizer": self.cfg.parallel.distributed_optimizer,
+                                "health": self.health.window_record()},
                                self.config_yaml, ckpt.keep_last)
         self._print(f"saved checkpoint {path}")
 

@@ -61,8 +61,9 @@ class TrainingLoop:
         """One optimizer step: (global mean loss, grad norm, whether the update was applied)."""
         raise NotImplementedError
 
-    def evaluate(self) -> Tuple[float, int]:
-        """(token-weighted mean validation loss, tokens scored) over `validation_window()`, on every rank."""
+    def evaluate(self, dataset) -> Tuple[float, int]:
+        """(token-weighted mean loss, tokens scored) over the first `samples` of `dataset` (a held-out set) in
+        `batches` global batches (`eval_window(dataset)`), on every rank."""
         raise NotImplementedError
 
     def lambdas(self) -> Dict[str, float]:
@@ -86,15 +87,18 @@ class TrainingLoop:
     def find_resume_checkpoint(self) -> Optional[Path]:
         """The checkpoint this run continues (None: a fresh run), after the checks that keep checkpoints from
         being lost or misread (rf_megatron/checkpoint_dir.py). Sets `run_id`, the lineage id this run's
-        checkpoints carry (kept across resumes; pruning only ever removes older checkpoints of the same id)."""
+        checkpoints carry (kept across resumes; pruning only ever removes older checkpoints of the same id),
+        `skip_batches` (global batches a rewind past a divergence skips) and `health` (checkpoint_health.py)."""
         import dataclasses
 
         from .checkpoint_dir import (CheckpointError, check_model_unchanged, is_rank0, latest_checkpoint, new_run_id,
                                      newest_verified, prepare_fresh_run, read_train_state)
+        from .checkpoint_health import HealthMonitor, batches_to_skip, rewind
         from .config import ConfigError
 
         ckpt = self.cfg.checkpoint
-        self.run_id = new_run_id()
+        self.run_id, self.skip_batches = new_run_id(), 0
+        self.health = HealthMonitor(ckpt.dir, self.cfg.train.loss_spike_factor, writer=is_rank0())
         if not ckpt.dir:
             return None
         path = None
@@ -106,13 +110,25 @@ class TrainingLoop:
         if path is None:
             prepare_fresh_run(ckpt.dir, ckpt.start_over, rank0=is_rank0())
             return None
+        if ckpt.rewind_to_healthy:
+            path = rewind(ckpt.dir, path, say=_say, rank0=is_rank0())
         path = newest_verified(ckpt.dir, path, say=_say)
         if path is None:
             raise ConfigError(f"no checkpoint in checkpoint.dir={ckpt.dir} matches its checksums (each was moved "
                               "aside, see above): set checkpoint.start_over=true to start again")
         check_model_unchanged(path, dataclasses.asdict(self.cfg.model))
         self.run_id = read_train_state(path).get("run_id")
+        self.skip_batches = batches_to_skip(path)
+        self.health.pending.append(path.name)  # the next step judges it again
         return path
+
+    def skip_rewound_data(self, consumed: int) -> int:
+        """Consumed samples after a rewind's skip (checkpoint.rewind_to_healthy), said once."""
+        if not self.skip_batches:
+            return consumed
+        skipped = self.skip_batches * self.cfg.train.global_batch_size
+        self._print(f"skipping {self.skip_batches} global batch(es) ({skipped} samples) that the diverged steps read")
+        return consumed + skipped
 
     def note_schedule_changes(self, checkpoint) -> None:
         """Say which schedule options differ from the checkpoint's run config (the current ones apply)."""
@@ -129,16 +145,20 @@ class TrainingLoop:
 
     def check_finite(self, what: str, value: float, update_applied: bool = False) -> None:
         """Stop on NaN/Inf under nan_policy=stop, and always once a non-finite update was applied
-        (fp32 / bf16 optimizers do not skip those: the weights are gone, skipping cannot help)."""
+        (fp32 / bf16 optimizers do not skip those: the weights are gone, skipping cannot help). The stop
+        message names the newest healthy checkpoint (checkpoint_health.py)."""
         if math.isfinite(value):
             return
+        step = self.step + 1
+        if update_applied or self.cfg.train.nan_policy == "stop":
+            self.health.failed(step, f"{what} {value} at step {step}")
+            advice = self.health.stop_advice(step)
         if update_applied:
-            raise TrainingStopped(f"{what} is {value} at step {self.step + 1} and the update was applied, so the "
-                                  "weights are no longer finite: stopping (lower optim.lr or check the data; the "
-                                  "last checkpoint is intact)")
+            raise TrainingStopped(f"{what} is {value} at step {step} and the update was applied, so the "
+                                  f"weights are no longer finite: stopping; {advice}")
         if self.cfg.train.nan_policy == "stop":
-            raise TrainingStopped(f"{what} is {value} at step {self.step + 1}: stopping "
-                                  "(train.nan_policy=skip skips such steps instead)")
+            raise TrainingStopped(f"{what} is {value} at step {step}: stopping (train.nan_policy=skip skips such "
+                                  f"steps instead); {advice}")
 
     def train(self) -> Dict[str, float]:
         t, ckpt = self.cfg.train, self.cfg.checkpoint
@@ -149,12 +169,15 @@ class TrainingLoop:
         result = {}
         try:
             if t.eval_only:
-                return {"valid_loss": self._log_eval(), "step": self.step}
+                return {"valid_loss": self._log_eval(), **self._log_test(), "step": self.step}
             while self.step < t.train_steps:
                 step_start = time.time()
-                loss, grad_norm, _ = self.train_step()  # returns host floats: the step has finished
+                loss, grad_norm, applied = self.train_step()  # returns host floats: the step has finished
                 window_seconds += time.time() - step_start
                 self.step += 1
+                problem = self.health.observe(self.step, loss, grad_norm, applied)
+                if problem and math.isfinite(loss):  # a spike (non-finite values say so where they happen)
+                    self._print(f"warning: {problem}; the checkpoint before it, if any, is marked unhealthy")
                 if math.isfinite(loss):
                     window_loss, window_steps = window_loss + loss, window_steps + 1
                 if self.step % t.log_interval == 0 or self.step == t.train_steps:
@@ -168,20 +191,21 @@ class TrainingLoop:
                 if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.train_steps:
                     self._log_eval()
                 if ckpt.save_interval and self.step % ckpt.save_interval == 0:
-                    self.save()
+                    self._checkpoint()
                 reason = signals.should_exit() if signals else ""
                 if not reason and t.exit_interval and self.step % t.exit_interval == 0:
                     reason = f"exit_interval={t.exit_interval}"
                 if reason and self.step < t.train_steps:
                     if ckpt.dir:
                         self._print(f"{reason}: saving at step {self.step} and exiting")
-                        self.save()
+                        self._checkpoint()
                     else:
                         self._print(f"{reason}: exiting at step {self.step} WITHOUT a checkpoint (checkpoint.dir is "
                                     "not set): a rerun starts from step 0")
                     return {"step": self.step, "stopped": reason, "saved": bool(ckpt.dir)}
             result["valid_loss"] = self._log_eval()
-            self.save()
+            result.update(self._log_test())
+            self._checkpoint()
             self.on_finished()
             result["step"] = self.step
             return result
@@ -189,6 +213,13 @@ class TrainingLoop:
             if signals:
                 signals.restore()
             self.metrics.close()
+
+    def _checkpoint(self) -> None:
+        """save(), and the new checkpoint waits for the next step's verdict on its health."""
+        before = self._saved_step
+        self.save()
+        if self.cfg.checkpoint.dir and self._saved_step == self.step != before:
+            self.health.saved(f"iter_{self.step:07d}")
 
     def _log_train(self, loss, grad_norm, mean_loss, steps, seconds, tokens_per_step):
         tokens_per_s = steps * tokens_per_step / max(seconds, 1e-9)
@@ -207,22 +238,28 @@ class TrainingLoop:
             f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | {tflops:.3f} TFLOP/s/device | "
             f"MFU {f'{100 * mfu:.2f}%' if mfu is not None else 'n/a'}"))
 
-    def validation_window(self) -> Tuple[int, int]:
-        """(global batches, samples) one evaluation scores: the first eval_steps global batches of the validation
-        set, or all of it (train.eval_full); never a sample twice (a last partial batch is padded, masked out)."""
+    def eval_window(self, dataset) -> Tuple[int, int]:
+        """(global batches, samples) one evaluation of a held-out set scores: its first eval_steps global batches,
+        or all of it (train.eval_full); never a sample twice (a last partial batch is padded, masked out)."""
         t = self.cfg.train
-        n = len(self.valid_ds)
-        samples = n if t.eval_full else min(t.eval_steps * t.global_batch_size, n)
+        samples = len(dataset) if t.eval_full else min(t.eval_steps * t.global_batch_size, len(dataset))
         return -(-samples // t.global_batch_size), samples
 
-    def _log_eval(self) -> float:
-        if getattr(self, "valid_ds", None) is None:  # data.split without a validation part
+    def _log_eval(self, name: str = "valid") -> float:
+        """Score the validation (or test) set; log `<name>_loss`, `<name>_ppl` and `<name>_tokens`."""
+        dataset = getattr(self, f"{name}_ds", None)
+        if dataset is None:  # data.split without that part, and no data.<name>_paths
             return float("nan")
-        loss, tokens = self.evaluate()
+        loss, tokens = self.evaluate(dataset)
         ppl = math.exp(min(loss, 50))
-        self.metrics.log(self.step, {"valid_loss": loss, "valid_ppl": ppl, "valid_tokens": tokens},
-                         console=f"step {self.step:>6} | validation loss {loss:.4f} | ppl {ppl:.2f} | {tokens:,} tokens")
+        what = {"valid": "validation", "test": "test"}[name]
+        self.metrics.log(self.step, {f"{name}_loss": loss, f"{name}_ppl": ppl, f"{name}_tokens": tokens},
+                         console=f"step {self.step:>6} | {what} loss {loss:.4f} | ppl {ppl:.2f} | {tokens:,} tokens")
         return loss
+
+    def _log_test(self) -> Dict[str, float]:
+        """The test set, scored once at the end (Megatron-LM's do_test)."""
+        return {"test_loss": self._log_eval("test")} if getattr(self, "test_ds", None) is not None else {}
 
 
 def _peak_memory() -> Dict[str, float]:

@@ -46,13 +46,14 @@ def _writable_dir(option: str, path: str) -> None:
 
 
 def _data_files(cfg: RunConfig) -> None:
-    from rf_megatron.data import _prefixes
+    from rf_megatron.data import blend_prefixes
     from rf_megatron.indexed_data import DataError, verify_indexed_dataset
 
     tok = cfg.data.tokenizer_model
     if tok and not Path(tok).is_file():
         raise ConfigError(f"data.tokenizer_model={tok}: no such file (cwd {os.getcwd()})")
-    for prefix in _prefixes(cfg.data.paths):
+    d = cfg.data
+    for prefix in blend_prefixes(d.paths) + blend_prefixes(d.valid_paths) + blend_prefixes(d.test_paths):
         try:
             verify_indexed_dataset(prefix)  # reads only the .idx (and the .bin's size)
         except DataError as exc:

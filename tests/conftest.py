@@ -39,7 +39,7 @@ def assert_diverged_at_step_3(proc) -> None:
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, proc.stderr[-3000:]  # rank 0 says it; every rank stops
     assert re.search(r"grad norm is (nan|inf) at step 3 and the update was applied, so the weights are no longer "
-                     r"finite: stopping", errors[0]), errors[0]
+                     r"finite: stopping; the newest healthy checkpoint is iter_0000001", errors[0]), errors[0]
     assert "TrainingStopped" not in proc.stderr
 
 

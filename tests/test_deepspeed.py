@@ -162,6 +162,7 @@ def test_resume_reproduces_the_uninterrupted_curve(stage, data, tmp_path):
     assert (ckpt / "latest").read_text() == "iter_0000003"
     state = json.loads((ckpt / "iter_0000003" / "train_state.json").read_text())
     assert len(state.pop("run_id")) == 12  # the run's lineage (pruning keeps to it)
+    assert state.pop("health")["finite"] is True  # the steps before it (rf_megatron/checkpoint_health.py)
     assert state == {"engine": "deepspeed", "step": 3, "consumed_samples": 24, "zero_stage": stage, "world_size": 2}
     assert not (tmp_path / "cut" / "hf").exists()  # the HF folder is written when training is done
     second = torchrun(DS, 2, *args, *overrides(data, tmp_path / "cut"))

@@ -162,7 +162,64 @@ def test_pruning_keeps_other_lineages_and_newer_checkpoints(tmp_path):
     assert (tmp_path / "latest").read_text() == "iter_0000010"
 
 
+def test_pruning_keeps_the_newest_healthy_checkpoint(tmp_path):
+    """A divergence rewinds to the newest healthy checkpoint, so pruning never removes it."""
+    from rf_megatron.checkpoint_dir import commit
+
+    for step in (2, 4, 6, 8):
+        make_checkpoint(tmp_path, step, "mine")
+    (tmp_path / "health.json").write_text(json.dumps({"iter_0000002": {"healthy": True},
+                                                      "iter_0000004": {"healthy": False}}))
+    commit(tmp_path, "iter_0000008", keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000002", "iter_0000006", "iter_0000008"]
+
+
+def test_a_loss_spike_marks_the_checkpoint_before_it_unhealthy(tmp_path):
+    from rf_megatron.checkpoint_health import HealthMonitor, newest_healthy, read_health
+
+    monitor = HealthMonitor(tmp_path, spike_factor=3.0, writer=True)
+    for step, loss in enumerate([6.0, 5.0, 4.0, 3.5], start=1):
+        assert monitor.observe(step, loss, 1.0) is None
+        make_checkpoint(tmp_path, step, "mine")
+        monitor.saved(f"iter_{step:07d}")
+    problem = monitor.observe(5, 15.0, 1.0)
+    assert problem == "loss spike at step 5 (15 > 3 x the recent mean 4.625)"
+    health = read_health(tmp_path)
+    assert [health[f"iter_{s:07d}"]["healthy"] for s in (1, 2, 3, 4)] == [True, True, True, False]
+    assert health["iter_0000004"]["why"] == problem
+    assert newest_healthy(tmp_path).name == "iter_0000003"
+    assert monitor.window_record() == {"finite": True, "max_loss": 15.0, "max_grad_norm": 1.0, "spikes": 1}
+
+
+def test_a_divergence_names_the_newest_healthy_checkpoint_and_rewinding_skips_its_data(data, tmp_path):
+    """lr=1e30: step 1 (lr 0 in warmup) leaves healthy weights, step 2 blows them up, step 3's gradients are not
+    finite. iter_1 is judged healthy by step 2, iter_2 unhealthy by step 3; the stop message says so, and
+    checkpoint.rewind_to_healthy resumes from iter_1, moving iter_2 aside and skipping the 2 batches of steps 2-3."""
+    proc = train(data, tmp_path, check=False, **{"optim.lr": 1e30, "checkpoint.save_interval": 1})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert error.endswith("stopping; the newest healthy checkpoint is iter_0000001: rerun with "
+                          "checkpoint.rewind_to_healthy=true to resume from it skipping the data of steps 2-3 (and "
+                          "lower optim.lr or check that data)"), error
+    health = json.loads((tmp_path / "ckpt" / "health.json").read_text())
+    assert health["iter_0000001"]["healthy"] is True
+    assert health["iter_0000002"]["healthy"] is False and health["iter_0000002"]["why"].startswith("grad norm nan at step 3")
+    state = json.loads((tmp_path / "ckpt" / "iter_0000002" / "train_state.json").read_text())
+    assert state["health"]["finite"] is True and state["health"]["spikes"] == 0  # step 2 itself looked fine
+
+    proc = train(data, tmp_path, **{"checkpoint.rewind_to_healthy": "true", "train.train_steps": 3})
+    assert "checkpoint.rewind_to_healthy: resuming from iter_0000001" in proc.stdout, proc.stdout[-2000:]
+    assert "skipping 2 global batch(es) (8 samples)" in proc.stdout
+    assert [p.name.split("-")[1] for p in (tmp_path / "ckpt").glob("unhealthy-iter_*")] == ["iter_0000002"]
+    rows = [json.loads(line) for line in open(tmp_path / "log" / "metrics.jsonl")]
+    trained = {r["step"]: r for r in rows if "last_loss" in r}
+    assert sorted(trained) == [1, 2, 3]
+    assert trained[2]["consumed_samples"] == (1 + 2 + 1) * 4  # step 1, the 2 skipped batches, step 2
+    assert all(abs(trained[s]["loss"]) < 10 for s in (2, 3))
+
+
 @pytest.mark.parametrize("override, message", [
+    ("train.loss_spike_factor=1", "train.loss_spike_factor=1.0 must be > 1 (or 0: no spike check)"),
     ("optim.lr=.nan", "optim.lr=nan must be a finite number >= 0"),
     ("optim.weight_decay=-1", "optim.weight_decay=-1.0 must be a finite number >= 0"),
     ("train.eval_interval=-5", "train.eval_interval=-5 must be >= 0"),

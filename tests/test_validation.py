@@ -2,11 +2,13 @@
 no seed, interval or layout changes, optionally whole (train.eval_full), with the tokens scored logged beside the
 loss; train.eval_only scores a checkpoint without training."""
 import json
+import math
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO, build_tiny_corpus, torchrun
 
@@ -17,16 +19,17 @@ SEQ = 32
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
+    """The tiny corpus, plus held-out files of their own (documents the training corpus does not hold):
+    heldout (25 documents) and heldout_doc (one document: its samples are consecutive windows of the file)."""
     root = build_tiny_corpus(tmp_path_factory.mktemp("data"))
-    # a held-out file of its own: documents the training corpus does not hold
-    texts = [json.loads(line)["text"] for line in open(root / "corpus.jsonl")]
-    with open(root / "heldout.jsonl", "w") as f:
-        for text in texts[:25]:
-            f.write(json.dumps({"text": " ".join(reversed(text.split()))}) + "\n")
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(root / "heldout.jsonl"),
-                           "--tokenizer-model", str(root / "tok.model"), "--output-prefix", str(root / "heldout")],
-                          capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr
+    texts = [" ".join(reversed(json.loads(line)["text"].split())) for line in open(root / "corpus.jsonl")]
+    for name, docs in (("heldout", texts[:25]), ("heldout_doc", [" ".join(texts[25:40])])):
+        with open(root / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": text}) + "\n" for text in docs)
+        proc = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input",
+                               str(root / f"{name}.jsonl"), "--tokenizer-model", str(root / "tok.model"),
+                               "--output-prefix", str(root / name)], capture_output=True, text=True, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
     return root
 
 
@@ -47,24 +50,28 @@ def overrides(data, run, **extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def valid_rows(run):
-    return [json.loads(line) for line in open(run / "log" / "metrics.jsonl") if "valid_loss" in line]
+def rows_with(run, key="valid_loss"):
+    return [row for row in map(json.loads, open(run / "log" / "metrics.jsonl")) if key in row]
+
+
+valid_rows = rows_with
 
 
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
-    """4 steps, TP1, held-out validation file, checkpoint at step 4."""
+    """4 steps, TP1, held-out validation and test files, checkpoint at step 4."""
     run = tmp_path_factory.mktemp("trained")
     torchrun(TRAIN, 1, "--config", "tiny_cpu", *overrides(data, run, **{
-        "data.valid_paths": f"[{data / 'heldout'}]", "data.split": "100,0,0"}))
+        "data.valid_paths": f"[{data / 'heldout'}]", "data.test_paths": f"[{data / 'heldout_doc'}]",
+        "data.split": "100,0,0"}))
     return run
 
 
-def heldout_samples(data):
-    """Samples in one epoch of the held-out file: GPTDataset cuts (tokens - 1) // seq of them."""
+def heldout_samples(data, name="heldout"):
+    """Samples in one epoch of a held-out file: GPTDataset cuts (tokens - 1) // seq of them."""
     from rf_megatron.indexed_data import verify_indexed_dataset
 
-    _, tokens = verify_indexed_dataset(str(data / "heldout"))
+    _, tokens = verify_indexed_dataset(str(data / name))
     return (tokens - 1) // SEQ
 
 
@@ -106,12 +113,56 @@ def test_eval_full_scores_the_whole_file_once(data, trained, tmp_path):
     assert results[1]["valid_loss"] == results[3]["valid_loss"]
 
 
-def test_deepspeed_scores_the_same_held_out_set(data, tmp_path):
-    """The DeepSpeed engine reads the same validation samples: its logged token counts match."""
+def test_the_test_set_is_scored_once_after_the_last_step(trained):
+    (row,) = rows_with(trained, "test_loss")
+    assert row["step"] == 4 and row["test_tokens"] == 2 * 4 * SEQ  # the eval_steps window, as validation
+    assert row["test_ppl"] == pytest.approx(math.exp(row["test_loss"]))
+
+
+def file_windows(prefix, seq):
+    """Every (seq + 1)-token window GPTDataset cuts from a one-document file, read from the file itself."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(prefix))
+    assert len(dataset) == 1
+    tokens = torch.from_numpy(dataset[0].astype("int64"))  # a copy: the file's memory map closes with `dataset`
+    n = (len(tokens) - 1) // seq
+    return torch.stack([tokens[i * seq:(i + 1) * seq + 1] for i in range(n)])
+
+
+@pytest.mark.mcore_api
+def test_eval_full_equals_a_hand_computed_mean_over_the_files_tokens(data, trained, tmp_path, megatron_single_rank):
+    """Whole-set scoring of a one-document file, on 2 data-parallel ranks with a padded last batch, against the
+    checkpoint's model run here on every window of the file and averaged by hand."""
+    from rf_megatron.hf import export as ex
+
     run = tmp_path / "run"
-    torchrun(TRAIN_DS, 1, "--config", "tiny_cpu", "--deepspeed", "zero1", *overrides(data, run, **{
-        "data.valid_paths": f"[{data / 'heldout'}]", "data.split": "100,0,0", "train.eval_full": "true"}))
-    assert {r["valid_tokens"] for r in valid_rows(run)} == {heldout_samples(data) * SEQ}
+    shutil.copytree(trained / "ckpt", run / "ckpt")
+    doc = data / "heldout_doc"
+    torchrun(TRAIN, 2, "--config", "tiny_cpu", *overrides(data, run, **{
+        "data.valid_paths": f"[{doc}]", "data.test_paths": f"[{doc}]", "data.split": "100,0,0",
+        "train.eval_only": "true", "train.eval_full": "true", "train.micro_batch_size": 2}))
+    windows = file_windows(doc, SEQ)
+    assert len(windows) % 4  # the last global batch is partial (padded, masked out)
+    it = ex.resolve_checkpoint(run / "ckpt")
+    with ex.megatron_single_process():
+        model = ex.load_megatron_model(it, ex.read_run_config(it))
+        logits = torch.cat([ex.megatron_logits(model, part[:, :-1]) for part in windows.split(8)])
+    by_hand = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), windows[:, 1:].flatten()).item()
+    (valid,), (test,) = rows_with(run, "valid_loss"), rows_with(run, "test_loss")
+    assert valid["valid_tokens"] == test["test_tokens"] == windows[:, 1:].numel()
+    assert valid["valid_loss"] == pytest.approx(by_hand, rel=0, abs=1e-5)
+    assert test["test_loss"] == pytest.approx(by_hand, rel=0, abs=1e-5)
+
+
+def test_deepspeed_scores_the_same_held_out_set(data, tmp_path):
+    """The DeepSpeed engine reads the same validation samples, on 2 data-parallel ranks whose last batch leaves
+    one rank only padding: its logged token counts are the file's windows, no more."""
+    run = tmp_path / "run"
+    torchrun(TRAIN_DS, 2, "--config", "tiny_cpu", "--deepspeed", "zero1", *overrides(data, run, **{
+        "data.valid_paths": f"[{data / 'heldout_doc'}]", "data.split": "100,0,0", "train.eval_full": "true"}))
+    assert heldout_samples(data, "heldout_doc") % 4 <= 2  # rank 1's share of the last global batch is padding
+    assert {r["valid_tokens"] for r in valid_rows(run)} == {heldout_samples(data, "heldout_doc") * SEQ}
 
 
 def test_a_split_and_valid_paths_both_claiming_validation_is_one_line(data, tmp_path):
@@ -121,3 +172,15 @@ def test_a_split_and_valid_paths_both_claiming_validation_is_one_line(data, tmp_
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: data.split=90,10,0 gives part of data.paths to validation and data.valid_paths is set "
                       "too: use data.split=90,0,0 with data.valid_paths"], proc.stderr[-2000:]
+
+
+def test_a_split_and_test_paths_both_claiming_the_test_set_is_one_line(data):
+    from rf_megatron.config import ConfigError
+    from rf_megatron.run_config import load_run_config
+
+    cfg = load_run_config("tiny_cpu", overrides(data, data, **{"data.test_paths": f"[{data / 'heldout'}]",
+                                                               "data.split": "90,5,5"}))
+    with pytest.raises(ConfigError) as info:
+        cfg.validate()
+    assert str(info.value) == ("data.split=90,5,5 gives part of data.paths to test and data.test_paths is set too: "
+                               "use data.split=90,5,0 with data.test_paths")

@@ -60,6 +60,7 @@ def prepare_config(cfg: RunConfig, world_size: int) -> None:
 def _init_distributed() -> None:
     """torchrun / the `deepspeed` launcher / slurm/task.sh (srun) all provide RANK, WORLD_SIZE,
     MASTER_ADDR and MASTER_PORT; a single process without them runs alone."""
+    _plain_gloo_on_cpu()
     for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, default)
     if "MASTER_PORT" not in os.environ:
@@ -72,9 +73,21 @@ def _init_distributed() -> None:
         init_process_group()  # after select_device: NCCL on cuda:LOCAL_RANK, else gloo
 
 
+def _plain_gloo_on_cpu() -> None:
+    """On DeepSpeed's CPU accelerator its comm backend JIT-compiles a shared-memory allreduce (deepspeed_shm_comm:
+    ~2 min of every core, once per environment) to speed up CPU training. Our CPU runs stand in for GPU jobs:
+    plain gloo, as Megatron's CPU path uses, is what they need (DeepSpeed keeps edits to this dict)."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedTrainer(TrainingLoop):
     def __init__(self, cfg: RunConfig):
-        from ..data import MicrobatchStream, build_train_valid, load_tokenizer
+        from ..data import MicrobatchStream, build_run_datasets, load_tokenizer
         from ..flops import parameter_counts, training_flops_per_token
         from ..metrics import MetricsLogger
 
@@ -89,6 +102,7 @@ class DeepSpeedTrainer(TrainingLoop):
         counts = parameter_counts(cfg.model)
         ds_config.check_fits(counts.total, self.ds_config, world, self.cuda)
         self.tokenizer = load_tokenizer(cfg)
+        _init_distributed()  # before the checkpoint checks: rank 0 may move a damaged checkpoint aside
         resume_from = self._checkpoint_to_resume(world)
 
         t, o = cfg.train, cfg.optim
@@ -97,7 +111,6 @@ class DeepSpeedTrainer(TrainingLoop):
         else:
             module = build_fresh(cfg.model, t.seed)
 
-        _init_distributed()
         import deepspeed
         from deepspeed.utils import logger as ds_logger
 
@@ -109,7 +122,7 @@ class DeepSpeedTrainer(TrainingLoop):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                                                  config=self.ds_config)
         self.scheduler = build_scheduler(self.optimizer, o, t.train_steps)
-        self.train_ds, self.valid_ds = build_train_valid(cfg, self.tokenizer)
+        self.train_ds, self.valid_ds, self.test_ds = build_run_datasets(cfg, self.tokenizer, self.skip_batches)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.step, consumed, self._saved_step = 0, 0, None
         if resume_from is not None:
@@ -117,6 +130,7 @@ class DeepSpeedTrainer(TrainingLoop):
             self._saved_step = self.step
             self._print(f"resumed from {resume_from} at step {self.step} ({consumed} samples consumed)")
             self.note_schedule_changes(resume_from)
+            consumed = self.skip_rewound_data(consumed)
         self.stream = MicrobatchStream(self.train_ds, t.global_batch_size, t.micro_batch_size, consumed,
                                        dp_rank=self.rank, dp_size=self.world)
         if self.rank == 0:
@@ -135,18 +149,19 @@ class DeepSpeedTrainer(TrainingLoop):
 
     # --- the step ---------------------------------------------------------------------------------
     def _loss_terms(self, batch):
-        """(sum of token losses, token count) of one microbatch, on the device."""
+        """(sum of token losses, token count) of one microbatch, on the device (an all-padding microbatch at the
+        end of a whole-set evaluation counts 0 tokens)."""
         batch = to_device(batch)
         logits = self.engine(input_ids=batch["tokens"], position_ids=batch["position_ids"], use_cache=False).logits
         losses = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none")
         mask = batch["loss_mask"].flatten().float()
-        return (losses * mask).sum(), mask.sum().clamp(min=1)
+        return (losses * mask).sum(), mask.sum()
 
     def train_step(self):
         stats = torch.zeros(2, dtype=torch.float64, device=self.device)  # all-reduced: NCCL needs it on the GPU
         for batch in self.stream.next_global_batch():
             total, count = self._loss_terms(batch)
-            self.engine.backward(total / count)  # DeepSpeed divides by the accumulation steps
+            self.engine.backward(total / count.clamp(min=1))  # DeepSpeed divides by the accumulation steps
             self.engine.step()  # updates at the accumulation boundary only
             stats += torch.stack([total.detach().double(), count.detach().double()])
         dist.all_reduce(stats)
@@ -158,12 +173,12 @@ class DeepSpeedTrainer(TrainingLoop):
         self.scheduler.step(increment=1)
         return loss, grad_norm, True
 
-    def evaluate(self):
+    def evaluate(self, dataset):
         from ..data import MicrobatchStream
 
         t = self.cfg.train
-        batches, samples = self.validation_window()
-        stream = MicrobatchStream(self.valid_ds, t.global_batch_size, t.micro_batch_size, dp_rank=self.rank,
+        batches, samples = self.eval_window(dataset)
+        stream = MicrobatchStream(dataset, t.global_batch_size, t.micro_batch_size, dp_rank=self.rank,
                                   dp_size=self.world, limit=samples)
         stats = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.engine.eval()
@@ -207,7 +222,7 @@ class DeepSpeedTrainer(TrainingLoop):
     def _train_state(self) -> dict:
         return {"engine": "deepspeed", "run_id": self.run_id, "step": self.step,
                 "consumed_samples": self.stream.consumed_samples,
-                "zero_stage": self.stage, "world_size": self.world}
+                "zero_stage": self.stage, "world_size": self.world, "health": self.health.window_record()}
 
     def _checkpoint_to_resume(self, world: int):
         path = self.find_resume_checkpoint()
