@@ -95,7 +95,7 @@ def test_start_over_moves_the_old_checkpoints_aside(data, copy_of):
     ckpt = copy_of / "ckpt"
     assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000002"] and (ckpt / "latest").read_text() == "iter_0000002"
     (aside,) = ckpt.glob("previous-*")
-    assert sorted(p.name for p in aside.iterdir()) == ["iter_0000004", "iter_0000006", "latest"]
+    assert sorted(p.name for p in aside.iterdir()) == ["health.json", "iter_0000004", "iter_0000006", "latest"]
 
 
 def test_a_latest_pointer_to_a_missing_directory_is_one_line(data, copy_of):

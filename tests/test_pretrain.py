@@ -153,13 +153,25 @@ def test_resume_into_another_layout(data, uninterrupted, tmp_path, before, after
         assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), step
 
 
+def resume_from_step_5_of(full, run) -> None:
+    """`run` starts with a copy of `full`'s step-5 checkpoint (a run stopped there has the same one: the stop
+    paths themselves are test_resume_same_layout_is_bitwise's and the signal tests')."""
+    (run / "ckpt").mkdir(parents=True)
+    shutil.copytree(full / "ckpt" / "iter_0000005", run / "ckpt" / "iter_0000005")
+    (run / "ckpt" / "latest").write_text("iter_0000005")
+
+
+KEEP_STEP_5 = {"checkpoint.save_interval": 5, "checkpoint.keep_last": 0}
+
+
 @pytest.mark.mcore_api
 def test_distributed_optimizer_resume_is_bitwise(data, tmp_path):
     dp = {"parallel.tensor_parallel": 1, "parallel.distributed_optimizer": "true"}
-    train(data, tmp_path / "full", **dp)
-    train(data, tmp_path / "cut", **dp, **{"train.exit_interval": 5})
+    train(data, tmp_path / "full", **dp, **KEEP_STEP_5)
+    resume_from_step_5_of(tmp_path / "full", tmp_path / "cut")
     train(data, tmp_path / "cut", **dp)
     want, got = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert sorted(got) == list(range(6, STEPS + 1))
     assert [got[s] for s in range(6, STEPS + 1)] == [want[s] for s in range(6, STEPS + 1)]
 
 
@@ -262,9 +274,10 @@ def test_kill_during_save_keeps_previous_checkpoint(data, uninterrupted, tmp_pat
 def test_svformer_checkpoint_reshards_across_layouts(data, tmp_path):
     """SVFormer's layer 1 has V rows and the others do not: its QKV is checkpointed per layer."""
     svformer = {"model.variant": "svformer", "model.num_query_groups": 2, "model.lambda_mode": "identity"}
-    train(data, tmp_path / "full", **svformer)
-    train(data, tmp_path / "cut", **svformer, **{"train.exit_interval": 5})
+    train(data, tmp_path / "full", **svformer, **KEEP_STEP_5)
+    resume_from_step_5_of(tmp_path / "full", tmp_path / "cut")
     train(data, tmp_path / "cut", **svformer, **{"parallel.tensor_parallel": 1, "parallel.pipeline_parallel": 2})
     want, got = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert sorted(got) == list(range(6, STEPS + 1))
     for step in range(6, STEPS + 1):
         assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), step

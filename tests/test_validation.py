@@ -130,7 +130,6 @@ def file_windows(prefix, seq):
     return torch.stack([tokens[i * seq:(i + 1) * seq + 1] for i in range(n)])
 
 
-@pytest.mark.mcore_api
 def test_eval_full_equals_a_hand_computed_mean_over_the_files_tokens(data, trained, tmp_path, megatron_single_rank):
     """Whole-set scoring of a one-document file, on 2 data-parallel ranks with a padded last batch, against the
     checkpoint's model run here on every window of the file and averaged by hand."""

@@ -35,7 +35,7 @@ from ..hf.weights import uses_remote_code
 from ..run_config import RunConfig, save_yaml, to_dict
 from ..training_loop import TrainingLoop, stop_if_finished
 from . import ds_config
-from .hf_model import build_fresh, hf_state, load_folder, param_groups, read_folder_config, save_folder
+from .hf_model import build_fresh, hf_config, hf_state, load_folder, param_groups, read_folder_config, save_folder
 
 
 def prepare_config(cfg: RunConfig, world_size: int) -> None:
@@ -55,6 +55,7 @@ def prepare_config(cfg: RunConfig, world_size: int) -> None:
                                         recompute_granularity=None)
     RunConfig(**{**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
                  "parallel": data_parallel}).validate(world_size)
+    hf_config(cfg.model)  # what transformers refuses (e.g. initializer_range > 1): one line, before any process group
 
 
 def _init_distributed() -> None:
