@@ -52,7 +52,13 @@ def tmp_root(tmp_path_factory):
     return tmp_path_factory.mktemp("layouts")
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+# TP2 and PP2 alone are composed by TP2 x PP2 (and TP2 + SP, PP2 x VPP2): on later Megatron-Core versions the composed
+# layouts run, the parts only on the first (.ci/run)
+COMPOSED_ELSEWHERE = {"tp2", "pp2"}
+
+
+@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.composed_elsewhere)
+                                    if name in COMPOSED_ELSEWHERE else name for name in LAYOUTS])
 def test_layout_matches_single_process(layout, tmp_root):
     ref = run_layout("reference", tmp_root)
     got = run_layout(layout, tmp_root)

@@ -193,7 +193,8 @@ def test_extending_a_finished_run_follows_the_new_schedule(data, uninterrupted, 
         assert lr == pytest.approx(want, rel=1e-9), (step, lr, want)
 
 
-@pytest.mark.parametrize("nan_policy", ["stop", "skip"])
+# slow tier: nan_policy=stop is also tests/test_faults.py's divergence test (one rank); skip is the stricter case here
+@pytest.mark.parametrize("nan_policy", [pytest.param("stop", marks=pytest.mark.slow), "skip"])
 def test_a_diverging_run_stops_with_one_error_line(data, tmp_path, nan_policy):
     """lr=1e30 blows the weights up at step 2; step 3's gradients are not finite and the fp32 update
     is applied: every rank stops, even under nan_policy=skip (rank 0 prints one line), and no

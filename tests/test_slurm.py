@@ -317,6 +317,52 @@ def test_sweep_array_throttled_each_task_writes_metrics(cluster, data, tmp_path)
     assert len(set(finals)) == 3, finals  # three different models, not one config three times
     assert (tmp_path / "runs" / "variants" / "2" / "checkpoints" / "latest").exists()
 
+    # the same sweep again: every task finds its run finished and says so, nothing is trained or logged twice
+    proc = subprocess.run([sys.executable, str(SLURM / "submit.py"), "--gpus-per-node", "0", "--sweep", str(sweep), "--max-parallel", "2",
+                           "--runs", str(tmp_path / "runs"), "--python", sys.executable],
+                          env=job_env(tmp_path / "runs"), cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for r in wait_jobs(proc.stdout.strip()):
+        assert_completed(r)
+        assert "already finished" in log_text(r) and "resumed from" not in log_text(r), log_text(r)[-3000:]
+    for d in dirs:
+        losses, valid = metrics(d)
+        assert sorted(losses) == list(range(1, 7)) and len(valid) == 1, d
+
+
+def processes_of_job(job):
+    """Every process on this machine (both emulated nodes) whose environment says it belongs to SLURM job `job`."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("SLURM_JOB_ID") == str(job):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_kill_9_of_a_rank_leaves_no_process_of_the_job(cluster, data, tmp_path):
+    """kill -9 of one rank after a checkpoint (dist_checkpointing's writer helpers are alive then): the job ends
+    and nothing it started outlives it; the helpers used to be re-parented to PID 1 and keep the step's output
+    open (issue #18)."""
+    job = sbatch("pretrain.sbatch", "tiny_cpu", *overrides(data, steps=400, **{"checkpoint.save_interval": 2}),
+                 env=job_env(tmp_path, RF_EXP="kill9", RF_MAX_RESTARTS=0),
+                 sbatch_args=["--nodes=1", "--ntasks-per-node=2", f"--output={tmp_path}/job-%j.out"])
+    ckpt = tmp_path / "kill9" / "checkpoints"
+    try:
+        wait_for(lambda: (ckpt / "latest").exists(), 300, "the first checkpoint")
+        ranks = trainer_processes(str(ckpt))
+        assert len(ranks) == 2, ranks
+        helpers = [c for r in ranks for c in r.children(recursive=True)]
+        assert helpers, "no checkpoint-writer helper process to check"
+        ranks[1].kill()
+        (rec,) = wait_jobs(job, timeout=120)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    assert rec["JobState"] == "FAILED", f"{rec}\n{log_text(rec)[-3000:]}"
+    wait_for(lambda: not processes_of_job(job), 15, f"the processes of job {job} to end: {processes_of_job(job)}")
+
 
 def test_crash_loop_stops_at_max_restarts(cluster, data, tmp_path):
     """Ranks that keep crashing: requeued up to RF_MAX_RESTARTS times, then the job fails."""
