@@ -311,6 +311,57 @@ def test_savings_recovered_from_noisy_runs_with_cis():
     assert lo <= s_n <= hi and hi - lo < 0.3
 
 
+def test_an_exponent_at_its_zero_bound_gives_nan_savings_not_an_exception():
+    """A bootstrap replicate may end at alpha = 0 or beta = 0 (the box bound): the README's default
+    scaling_compare used to die there with ZeroDivisionError."""
+    flat_in_n = LawFit(E=1.7, A=0.3, B=410.0, alpha=0.0, beta=0.28)  # A / N^0 = 0.3 whatever N
+    assert np.isnan(flat_in_n.derived()["G"]) and flat_in_n.derived()["b"] == 0.0
+    assert np.isnan(flat_in_n.param_for_loss(2.5, 1e10))
+    assert np.isfinite(flat_in_n.data_for_loss(2.5, 1e8))
+    flat_in_d = LawFit(E=1.7, A=400.0, B=410.0, alpha=0.34, beta=0.0)
+    assert np.isnan(flat_in_d.data_for_loss(2.5, 1e8)) and np.isnan(flat_in_d.derived()["G"])
+    both = LawFit(E=1.7, A=400.0, B=410.0, alpha=0.0, beta=0.0)
+    assert all(np.isnan(v) for v in both.derived().values())
+
+
+def test_two_families_with_the_same_runs_are_resampled_independently():
+    """compare.py pairs the i-th replicates of the two families; each family draws its own resamples (the same
+    seed used to give identical indices whenever the run counts matched)."""
+    import pandas as pd
+
+    from rf_megatron.scaling.family_fits import fit_family
+
+    N, D, L = isoflop_design(_law(TRUE), [1e18, 1e19], sizes_per_budget=5, noise=0.01, seed=3)
+    runs = pd.DataFrame({"N_total": N, "D": D, "valid_loss": L, "flops_per_token": 6 * N, "budget": 6 * N * D,
+                         "name": [f"r{i}" for i in range(len(N))], "finished": True})
+    fits = {family: fit_family(runs.assign(family=family), family, n_col="N_total", n_boot=4, starts=8,
+                               boot_starts=1) for family in ("vanilla", "resformer")}
+    assert fits["vanilla"].law.params() == pytest.approx(fits["resformer"].law.params())  # same data, same fit
+    assert not np.allclose(fits["vanilla"].boot.samples, fits["resformer"].boot.samples)
+
+
+def test_local_runs_can_be_held_to_a_port_range(tmp_path):
+    import socket
+
+    from rf_megatron.scaling.local_runner import command, parse_ports
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        ports = parse_ports(f"{taken}-{taken + 40}")
+        argv, env = command("tiny_cpu train.train_steps=2", 1, ports=ports)
+        assert taken < int(env["MASTER_PORT"]) <= taken + 40  # the first free one of the range, not the busy one
+        argv, _ = command("tiny_cpu", 2, ports=ports)
+        assert any(a.startswith("--master-port=") and taken < int(a.split("=")[1]) <= taken + 40 for a in argv)
+    for bad in ("29500", "29600-29500", "80-90"):
+        with pytest.raises(ValueError, match="--ports"):
+            parse_ports(bad)
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "scaling_run_local.py"), str(tmp_path / "x.txt"),
+                           "--ports", "1-2"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "--ports '1-2': need 1024 <= LO <= HI <= 65535" in proc.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. end to end on CPU: plan -> runs -> collect -> fit -> compare -> plots
 

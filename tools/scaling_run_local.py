@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rf_megatron.scaling.local_runner import run_sweep  # noqa: E402
+from rf_megatron.scaling.local_runner import parse_ports, run_sweep  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -27,10 +27,15 @@ def main(argv=None) -> int:
                    help="runs at a time (with GPUs each gets its own --nproc devices via CUDA_VISIBLE_DEVICES)")
     p.add_argument("--only", help="run only lines whose run name contains this")
     p.add_argument("--dry-run", action="store_true", help="print the commands")
+    p.add_argument("--ports", help="LO-HI: rendezvous ports only from this range (default: any free port)")
     a = p.parse_args(argv)
     if a.jobs < 1:
         p.error("--jobs must be >= 1")
-    outcomes = run_sweep(a.sweep, a.nproc, a.launcher, a.only, a.dry_run, jobs=a.jobs)
+    try:
+        ports = parse_ports(a.ports) if a.ports else None
+    except ValueError as exc:
+        p.error(str(exc))
+    outcomes = run_sweep(a.sweep, a.nproc, a.launcher, a.only, a.dry_run, jobs=a.jobs, ports=ports)
     failed = [o.name for o in outcomes if o.status == "failed"]
     done = sum(o.status == "finished" for o in outcomes)
     skipped = sum(o.status == "skipped" for o in outcomes)

@@ -7,6 +7,8 @@ plan; with `n_col="N_total"` and F = 6N it reduces to Chinchilla's frontier.
 """
 from __future__ import annotations
 
+import zlib
+
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -73,6 +75,8 @@ def fit_family(df, family: str, n_col: str = "N_nonembed", loss_col: str = "vali
         raise ValueError(f"family {family!r}: {len(rows)} finished runs, need at least 2 (5+ to fit 5 parameters)")
     N, D, L = rows[n_col].to_numpy(float), rows["D"].to_numpy(float), rows[loss_col].to_numpy(float)
     law = fit_law(N, D, L, starts=starts)
+    # each family's resampling stream of its own (scaling_compare pairs replicates but resamples independently)
+    seed = [seed, zlib.crc32(family.encode())]
     law, boot, boot_laws = bootstrap_law(N, D, L, n_boot=n_boot, seed=seed, fit=law, boot_starts=boot_starts)
     return FamilyFit(family=family, n_col=n_col, law=law, boot=boot, boot_laws=boot_laws,
                      flops_of_n=flops_interpolation(rows[n_col], rows["flops_per_token"]),

@@ -115,18 +115,25 @@ class LawFit:
         """Compute-optimal allocation under C = 6 N D (Hoffmann et al. eq. 4): N_opt = G (C/6)^a,
         D_opt = (C/6)^b / G with a = beta/(alpha+beta), b = alpha/(alpha+beta)."""
         s = self.alpha + self.beta
-        g = (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / s) if self.beta > 0 and self.B > 0 else float("nan")
+        if not (self.alpha > 0 and self.beta > 0):  # an exponent at its 0 bound (a bootstrap replicate can be)
+            return {"a": self.beta / s if s > 0 else float("nan"), "b": self.alpha / s if s > 0 else float("nan"),
+                    "G": float("nan")}
+        g = (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / s) if self.B > 0 else float("nan")
         return {"a": self.beta / s, "b": self.alpha / s, "G": g}
 
     def param_for_loss(self, loss, D):
         """N with L(N, D) = loss (nan when loss is out of reach at this D)."""
         gap = np.asarray(loss, float) - self.E - self.B / np.asarray(D, float) ** self.beta
+        if not self.alpha > 0:  # the loss does not depend on N: no N reaches another loss
+            return np.full(np.shape(gap), np.nan)
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(gap > 0, (self.A / gap) ** (1.0 / self.alpha), np.nan)
 
     def data_for_loss(self, loss, N):
         """D with L(N, D) = loss (nan when loss is out of reach at this N)."""
         gap = np.asarray(loss, float) - self.E - self.A / np.asarray(N, float) ** self.alpha
+        if not self.beta > 0:  # the loss does not depend on D
+            return np.full(np.shape(gap), np.nan)
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(gap > 0, (self.B / gap) ** (1.0 / self.beta), np.nan)
 

@@ -24,17 +24,35 @@ REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "pretrain" / "pretrain_resformer.py"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def parse_ports(spec: str) -> range:
+    """--ports LO-HI (inclusive), e.g. 29500-29599 where a firewall opens only those."""
+    try:
+        lo, hi = (int(x) for x in spec.split("-"))
+    except ValueError:
+        raise ValueError(f"--ports {spec!r}: give a range LO-HI, e.g. 29500-29599") from None
+    if not 1024 <= lo <= hi <= 65535:
+        raise ValueError(f"--ports {spec!r}: need 1024 <= LO <= HI <= 65535")
+    return range(lo, hi + 1)
 
 
-def command(line: str, nproc: int, launcher: str = "auto", python: str = sys.executable):
-    """(argv, extra env) that run one sweep line."""
+def _free_port(ports: Optional[range] = None) -> int:
+    """A port nothing listens on now: any (the OS picks), or the first free one of `ports`."""
+    for port in ports or [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
+
+
+def command(line: str, nproc: int, launcher: str = "auto", python: str = sys.executable,
+            ports: Optional[range] = None):
+    """(argv, extra env) that run one sweep line (its rendezvous port from `ports` when given)."""
     preset, overrides = parse_line(line)
     args = [str(TRAIN), "--config", preset, *overrides]
-    port = str(_free_port())
+    port = str(_free_port(ports))
     if launcher == "auto":
         launcher = "python" if nproc == 1 else "torchrun"
     if launcher == "python":
@@ -56,7 +74,8 @@ class Outcome:
 
 
 def run_sweep(sweep_file, nproc: int = 1, launcher: str = "auto", only: Optional[str] = None,
-              dry_run: bool = False, env: Optional[dict] = None, echo=print, jobs: int = 1) -> List[Outcome]:
+              dry_run: bool = False, env: Optional[dict] = None, echo=print, jobs: int = 1,
+              ports: Optional[range] = None) -> List[Outcome]:
     """Run the sweep's unfinished lines, `jobs` at a time (each in its own slot of `nproc` devices:
     CUDA_VISIBLE_DEVICES is set per slot when jobs > 1)."""
     import queue
@@ -74,7 +93,7 @@ def run_sweep(sweep_file, nproc: int = 1, launcher: str = "auto", only: Optional
             outcomes.append(Outcome(cfg.name, "skipped"))
             continue
         if dry_run:
-            echo(" ".join(command(line, nproc, launcher)[0]))
+            echo(" ".join(command(line, nproc, launcher, ports=ports)[0]))
             continue
         todo.append((i, line, cfg))
 
@@ -86,7 +105,8 @@ def run_sweep(sweep_file, nproc: int = 1, launcher: str = "auto", only: Optional
     def run_one(i, line, cfg):
         slot = slots.get()
         try:
-            argv, extra = command(line, nproc, launcher)
+            # concurrent runs take their ports from disjoint slices of the range
+            argv, extra = command(line, nproc, launcher, ports=ports[slot::max(jobs, 1)] if ports else None)
             if jobs > 1:
                 extra = {**extra, "CUDA_VISIBLE_DEVICES": ",".join(str(slot * nproc + d) for d in range(nproc))}
             log = Path(cfg.logging.dir) / "stdout.log"
