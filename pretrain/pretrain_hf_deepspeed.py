@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rf_megatron import child_lifetime  # noqa: E402
 from rf_megatron.run_config import load_run_config  # noqa: E402
-from rf_megatron.training_loop import run_entry_point  # noqa: E402
+from rf_megatron.training_loop import run_entry_point, stop_if_finished  # noqa: E402
 
 # At import, so that it also runs where multiprocessing's spawned helpers re-import this script (__mp_main__)
 child_lifetime.install()
@@ -52,6 +52,7 @@ def main(argv=None) -> int:
 
     def build():
         cfg = load_run_config(args.config, overrides)  # config errors come before the slow imports
+        stop_if_finished(cfg)  # a finished run (a re-run sweep, a resubmitted job) ends here, as fast
         from rf_megatron.zero.trainer import DeepSpeedTrainer
 
         return DeepSpeedTrainer(cfg)

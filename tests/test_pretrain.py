@@ -56,10 +56,22 @@ def losses(run_dir):
     return {r["step"]: r["last_loss"] for r in rows if "last_loss" in r}
 
 
+def resume_from_step_5_of(full, run) -> None:
+    """`run` starts with a copy of `full`'s step-5 checkpoint (a run stopped there has the same one: the stop
+    paths themselves are test_resume_into_another_layout's, tests/test_slurm.py's and the signal tests')."""
+    (run / "ckpt").mkdir(parents=True)
+    shutil.copytree(full / "ckpt" / "iter_0000005", run / "ckpt" / "iter_0000005")
+    (run / "ckpt" / "latest").write_text("iter_0000005")
+
+
+KEEP_STEP_5 = {"checkpoint.save_interval": 5, "checkpoint.keep_last": 0}
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(data, tmp_path_factory):
+    """12 steps, TP2, with wandb (offline); checkpoints at steps 5, 10 and 12 (the resume tests start from 5)."""
     run = tmp_path_factory.mktemp("uninterrupted")
-    train(data, run, **{"logging.wandb_project": "rf-test"})
+    train(data, run, **{"logging.wandb_project": "rf-test", **KEEP_STEP_5})
     return run
 
 
@@ -132,11 +144,10 @@ def test_resolved_config_saved_with_run_and_checkpoint(uninterrupted):
 
 @pytest.mark.mcore_api
 def test_resume_same_layout_is_bitwise(data, uninterrupted, tmp_path):
-    train(data, tmp_path, **{"train.exit_interval": 5})
-    assert (tmp_path / "ckpt" / "latest").read_text() == "iter_0000005"
-    shutil.copytree(tmp_path / "ckpt", tmp_path / "ckpt_at_5")
+    resume_from_step_5_of(uninterrupted, tmp_path)
     train(data, tmp_path)
     want, got = losses(uninterrupted), losses(tmp_path)
+    assert sorted(got) == list(range(6, STEPS + 1))
     assert [got[s] for s in range(6, STEPS + 1)] == [want[s] for s in range(6, STEPS + 1)]
 
 
@@ -151,17 +162,6 @@ def test_resume_into_another_layout(data, uninterrupted, tmp_path, before, after
     want, got = losses(uninterrupted), losses(tmp_path)
     for step in range(6, STEPS + 1):
         assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), step
-
-
-def resume_from_step_5_of(full, run) -> None:
-    """`run` starts with a copy of `full`'s step-5 checkpoint (a run stopped there has the same one: the stop
-    paths themselves are test_resume_same_layout_is_bitwise's and the signal tests')."""
-    (run / "ckpt").mkdir(parents=True)
-    shutil.copytree(full / "ckpt" / "iter_0000005", run / "ckpt" / "iter_0000005")
-    (run / "ckpt" / "latest").write_text("iter_0000005")
-
-
-KEEP_STEP_5 = {"checkpoint.save_interval": 5, "checkpoint.keep_last": 0}
 
 
 @pytest.mark.mcore_api

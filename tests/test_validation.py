@@ -100,19 +100,6 @@ def test_a_checkpoints_validation_loss_is_the_same_in_any_layout_and_seed(data, 
     assert row["valid_loss"] == pytest.approx(want["valid_loss"], rel=0, abs=2e-6)
 
 
-def test_eval_full_scores_the_whole_file_once(data, trained, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(trained / "ckpt", run / "ckpt")
-    results = {}
-    for eval_steps in (1, 3):  # eval_steps no longer matters
-        torchrun(TRAIN, 1, "--config", "tiny_cpu", *overrides(data, run, **{
-            "data.valid_paths": f"[{data / 'heldout'}]", "data.split": "100,0,0", "train.eval_only": "true",
-            "train.eval_full": "true", "train.eval_steps": eval_steps}))
-        results[eval_steps] = valid_rows(run)[-1]
-    assert results[1]["valid_tokens"] == results[3]["valid_tokens"] == heldout_samples(data) * SEQ
-    assert results[1]["valid_loss"] == results[3]["valid_loss"]
-
-
 def test_the_test_set_is_scored_once_after_the_last_step(trained):
     (row,) = rows_with(trained, "test_loss")
     assert row["step"] == 4 and row["test_tokens"] == 2 * 4 * SEQ  # the eval_steps window, as validation
@@ -131,8 +118,9 @@ def file_windows(prefix, seq):
 
 
 def test_eval_full_equals_a_hand_computed_mean_over_the_files_tokens(data, trained, tmp_path, megatron_single_rank):
-    """Whole-set scoring of a one-document file, on 2 data-parallel ranks with a padded last batch, against the
-    checkpoint's model run here on every window of the file and averaged by hand."""
+    """Whole-set scoring (train.eval_full: eval_steps no longer matters) of a one-document file, on 2 data-parallel
+    ranks with a padded last batch, against the checkpoint's model run here on every window of the file and
+    averaged by hand."""
     from rf_megatron.hf import export as ex
 
     run = tmp_path / "run"
@@ -140,7 +128,7 @@ def test_eval_full_equals_a_hand_computed_mean_over_the_files_tokens(data, train
     doc = data / "heldout_doc"
     torchrun(TRAIN, 2, "--config", "tiny_cpu", *overrides(data, run, **{
         "data.valid_paths": f"[{doc}]", "data.test_paths": f"[{doc}]", "data.split": "100,0,0",
-        "train.eval_only": "true", "train.eval_full": "true", "train.micro_batch_size": 2}))
+        "train.eval_only": "true", "train.eval_full": "true", "train.eval_steps": 1}))  # eval_steps is ignored
     windows = file_windows(doc, SEQ)
     assert len(windows) % 4  # the last global batch is partial (padded, masked out)
     it = ex.resolve_checkpoint(run / "ckpt")

@@ -75,12 +75,13 @@ def _init_distributed() -> None:
 
 
 def _plain_gloo_on_cpu() -> None:
-    """On DeepSpeed's CPU accelerator its comm backend JIT-compiles a shared-memory allreduce (deepspeed_shm_comm:
-    ~2 min of every core, once per environment) to speed up CPU training. Our CPU runs stand in for GPU jobs:
-    plain gloo, as Megatron's CPU path uses, is what they need (DeepSpeed keeps edits to this dict)."""
-    from deepspeed.accelerator import get_accelerator
+    """Where collectives run on gloo (the CPU, and the simulated GPU), DeepSpeed's comm backend would JIT-compile a
+    shared-memory allreduce (deepspeed_shm_comm: ~2 min of every core, once per environment) to speed up CPU
+    training. Our CPU runs stand in for GPU jobs: plain gloo, as Megatron's CPU path uses, is what they need
+    (DeepSpeed keeps edits to this dict)."""
+    from ..device import backend
 
-    if get_accelerator().device_name() == "cpu":
+    if backend() == "gloo":
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
