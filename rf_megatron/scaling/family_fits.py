@@ -87,15 +87,32 @@ def fit_family(df, family: str, n_col: str = "N_nonembed", loss_col: str = "vali
 MIN_RUNS = 5  # five parameters
 
 
+def check_enough_runs(df, family: str, loss_col: str = "valid_loss") -> None:
+    """A five-parameter law from fewer than MIN_RUNS runs, or from one budget (N and D then move together), gives
+    confident wrong answers (zero-width or absurd CIs): refuse, saying what is missing."""
+    rows = usable(df[df["family"] == family], loss_col)
+    budgets = rows["budget"].nunique() if "budget" in rows else 0
+    if len(rows) < MIN_RUNS or budgets < 2:
+        raise ValueError(f"family {family!r}: {len(rows)} finished run(s) over {budgets} budget(s); a 5-parameter law "
+                         f"needs at least {MIN_RUNS} runs over at least 2 budgets (an IsoFLOP plan: 3+ sizes at each "
+                         "of 2+ budgets, tools/scaling_plan.py)")
+
+
 def fit_families(df, families=None, echo=print, **kw) -> Dict[str, FamilyFit]:
-    """Fit the named families (an error if one has too few runs), or every family with at least
+    """Fit the named families (an error if one has too few runs or budgets), or every family with at least
     MIN_RUNS finished runs (the others are reported and skipped)."""
-    if not families:
-        counts = usable(df, kw.get("loss_col", "valid_loss"))["family"].value_counts()
-        for fam, n in sorted(counts.items()):
-            if n < MIN_RUNS:
-                echo(f"skipping family {fam}: {n} finished runs (< {MIN_RUNS})")
-        families = sorted(f for f, n in counts.items() if n >= MIN_RUNS)
+    loss_col = kw.get("loss_col", "valid_loss")
+    if families:
+        for family in families:
+            check_enough_runs(df, family, loss_col)
+    else:
+        families = []
+        for family in sorted(usable(df, loss_col)["family"].unique()):
+            try:
+                check_enough_runs(df, family, loss_col)
+                families.append(family)
+            except ValueError as exc:
+                echo(f"skipping {exc}")
         if not families:
-            raise ValueError(f"no family has {MIN_RUNS} finished runs")
+            raise ValueError(f"no family has {MIN_RUNS} finished runs over 2+ budgets")
     return {f: fit_family(df, f, **kw) for f in families}
