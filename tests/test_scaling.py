@@ -384,6 +384,82 @@ def test_local_runs_can_be_held_to_a_port_range(tmp_path):
     assert proc.returncode == 2 and "--ports '1-2': need 1024 <= LO <= HI <= 65535" in proc.stderr
 
 
+def random_law(rng):
+    """A Chinchilla-form law drawn at random (not only Chinchilla's published constants)."""
+    return LawFit(E=rng.uniform(1.5, 2.5), A=rng.uniform(200, 600), B=rng.uniform(300, 2000),
+                  alpha=rng.uniform(0.25, 0.45), beta=rng.uniform(0.25, 0.45))
+
+
+def two_family_runs(law_b, saving, noise, seed, alpha_a=None):
+    """Runs of b (law_b) and of a, which reaches b's loss with `saving` fewer parameters (A_a = A_b (1-s)^alpha),
+    on IsoFLOP curves at 5 budgets x 7 sizes, log-normal noise."""
+    import pandas as pd
+
+    alpha_a = law_b.alpha if alpha_a is None else alpha_a
+    law_a = LawFit(E=law_b.E, A=law_b.A * (1 - saving) ** alpha_a, B=law_b.B, alpha=alpha_a, beta=law_b.beta)
+    frames = []
+    for i, (family, law) in enumerate((("a", law_a), ("b", law_b))):
+        N, D, L = isoflop_design(law_b, [1e18, 3e18, 1e19, 3e19, 1e20], sizes_per_budget=7, noise=0, seed=0)
+        L = law.predict(N, D) * np.exp(np.random.default_rng([seed, i]).normal(0, noise, len(N)))
+        frames.append(pd.DataFrame({"family": family, "N_total": N, "D": D, "valid_loss": L, "flops_per_token": 6 * N,
+                                    "budget": np.round(6 * N * D, -8), "C": 6 * N * D, "finished": True}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_joint_fit_recovers_a_planted_saving_with_a_narrower_ci_than_independent_fits():
+    from rf_megatron.scaling.compare import compare
+    from rf_megatron.scaling.family_fits import fit_family
+    from rf_megatron.scaling.joint_fit import joint_family_fits
+
+    law = random_law(np.random.default_rng(5))
+    runs = two_family_runs(law, saving=0.15, noise=0.02, seed=1)
+    _, joint = joint_family_fits(runs, "a", "b", n_col="N_total", n_boot=100, starts=16)
+    lo, hi = joint["param_saving_ci"]
+    independent = {f: fit_family(runs, f, n_col="N_total", n_boot=40, starts=24, boot_starts=1) for f in "ab"}
+    i_lo, i_hi = compare(independent["a"], independent["b"], {"N": 1e9, "D": 2e10, "C": 1.2e20})["ci"]["param_saving"]
+    print(f"joint {joint['param_saving']:.4f} [{lo:.4f}, {hi:.4f}]; independent [{i_lo:.4f}, {i_hi:.4f}]; truth 0.15")
+    assert lo <= 0.15 <= hi and hi - lo < 0.5 * (i_hi - i_lo)
+    assert not joint["exponent_check"]["shared_exponent_violated"]
+
+
+@pytest.mark.slow  # 20 joint fits with bootstrap (~40 s of CPU); the recovery test above runs in the default tier
+def test_joint_fit_ci_covers_the_truth_in_at_least_90_percent_of_20_seeds_at_2_percent_noise():
+    from rf_megatron.scaling.joint_fit import fit_joint
+
+    rng, covered = np.random.default_rng(11), 0
+    for seed in range(20):
+        law, saving = random_law(rng), rng.uniform(0.1, 0.2)
+        point, boots = fit_joint(two_family_runs(law, saving, 0.02, seed), ["a", "b"], n_col="N_total", n_boot=60,
+                                 starts=8, seed=seed)
+        lo, hi = np.percentile([f.param_saving("a", "b") for f in boots], [2.5, 97.5])
+        covered += bool(lo <= saving <= hi)
+    assert covered >= 18, covered
+
+
+def test_scaling_compare_uses_the_joint_fit_by_default(tmp_path):
+    law = random_law(np.random.default_rng(5))
+    runs = two_family_runs(law, saving=0.15, noise=0.005, seed=4)
+    runs["name"] = [f"{f}{i}" for i, f in enumerate(runs["family"])]
+    runs.to_csv(tmp_path / "table.csv", index=False)
+    proc = _tool("scaling_compare.py", tmp_path / "table.csv", "--a", "a", "--b", "b", "--n-col", "N_total",
+                 "--n-boot", "30", "--starts", "8", "--out", tmp_path / "compare.json", "--plots", tmp_path / "plots")
+    report = json.loads((tmp_path / "compare.json").read_text())
+    assert report["method"] == "joint" and "at every scale" in proc.stdout, proc.stdout
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["frontier.png", "isoflop.png", "loss_vs_n.png"]
+    lo, hi = report["joint"]["param_saving_ci"]
+    assert lo <= 0.15 <= hi and report["joint"]["exponent_check"]["shared_exponent_violated"] is False
+    assert report["estimate"]["param_saving"] == pytest.approx(report["joint"]["param_saving"], abs=1e-6)
+
+
+def test_the_exponent_check_flags_families_whose_alphas_differ():
+    from rf_megatron.scaling.joint_fit import exponent_check
+
+    law = random_law(np.random.default_rng(2))
+    runs = two_family_runs(law, saving=0.15, noise=0.005, seed=3, alpha_a=law.alpha + 0.12)
+    check = exponent_check(runs, "a", "b", n_col="N_total", n_boot=60, starts=8)
+    assert check["shared_exponent_violated"] and check["ci"][0] > 0.05, check
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. end to end on CPU: plan -> runs -> collect -> fit -> compare -> plots
 
