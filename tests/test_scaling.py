@@ -362,6 +362,20 @@ def test_a_named_family_with_too_few_runs_or_budgets_is_refused(runs, budgets, m
     assert skipped and skipped[0].startswith("skipping " + message[:20])
 
 
+def test_duplicate_unfinished_and_diverged_runs_are_named_and_counted_once():
+    import pandas as pd
+
+    from rf_megatron.scaling.family_fits import clean_table
+
+    runs = pd.DataFrame({"name": ["r1", "r2", "r2", "r3", "r4"], "family": "x", "finished": [True, True, True, False, True],
+                         "valid_loss": [3.0, 2.9, 2.8, 3.1, float("nan")]})
+    said = []
+    kept = clean_table(runs, echo=said.append)
+    assert said == ["note: run r2 is listed 2 times: its last row counts",
+                    "note: dropping run r3 (x): unfinished", "note: dropping run r4 (x): valid_loss=nan"]
+    assert list(kept["name"]) == ["r1", "r2", "r3", "r4"] and kept.loc[kept["name"] == "r2", "valid_loss"].item() == 2.8
+
+
 def test_local_runs_can_be_held_to_a_port_range(tmp_path):
     import socket
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rf_megatron.scaling.cli_common import add_fit_options, fit_kwargs, fmt_ci, write_outputs  # noqa: E402
 from rf_megatron.scaling.collect import read_table  # noqa: E402
 from rf_megatron.scaling.compare import compare, default_reference, frontier_curves  # noqa: E402
-from rf_megatron.scaling.family_fits import fit_families  # noqa: E402
+from rf_megatron.scaling.family_fits import clean_table, fit_families  # noqa: E402
 from rf_megatron.scaling.joint_fit import joint_family_fits  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
                    help="joint: shared E, B, alpha, beta and A per family (default); independent: a law per family")
     add_fit_options(p)
     a = p.parse_args(argv)
-    df = read_table(a.table)
+    df = clean_table(read_table(a.table), a.loss_col)
     joint = None
     try:
         if a.method == "joint":

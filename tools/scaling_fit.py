@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rf_megatron.scaling.cli_common import add_fit_options, fit_kwargs, fmt_ci, write_outputs  # noqa: E402
 from rf_megatron.scaling.collect import read_table  # noqa: E402
-from rf_megatron.scaling.family_fits import fit_families  # noqa: E402
+from rf_megatron.scaling.family_fits import clean_table, fit_families  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--plots", help="directory for PNG plots")
     add_fit_options(p)
     a = p.parse_args(argv)
-    df = read_table(a.table)
+    df = clean_table(read_table(a.table), a.loss_col)
     try:
         fits = fit_families(df, a.families, **fit_kwargs(a))
     except ValueError as exc:

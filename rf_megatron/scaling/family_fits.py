@@ -87,6 +87,22 @@ def fit_family(df, family: str, n_col: str = "N_nonembed", loss_col: str = "vali
 MIN_RUNS = 5  # five parameters
 
 
+def clean_table(df, loss_col: str = "valid_loss", echo=print):
+    """The table with every run once, saying what the fits leave out: a run listed twice (a re-collected or re-run
+    sweep) counts once (its last row; duplicates would narrow the CI falsely), and every unfinished run or run
+    without a finite loss (the fits drop them) is named instead of vanishing silently."""
+    if "name" in df:
+        dup = df["name"].duplicated(keep="last")
+        for name in sorted(set(df.loc[dup, "name"])):
+            echo(f"note: run {name} is listed {int((df['name'] == name).sum())} times: its last row counts")
+        df = df[~dup]
+    kept = usable(df, loss_col)
+    for _, row in df.drop(kept.index).iterrows():
+        why = "unfinished" if not bool(row.get("finished", True)) else f"{loss_col}={row[loss_col]}"
+        echo(f"note: dropping run {row.get('name', '?')} ({row['family']}): {why}")
+    return df
+
+
 def check_enough_runs(df, family: str, loss_col: str = "valid_loss") -> None:
     """A five-parameter law from fewer than MIN_RUNS runs, or from one budget (N and D then move together), gives
     confident wrong answers (zero-width or absurd CIs): refuse, saying what is missing."""
