@@ -26,6 +26,7 @@ from .config import ConfigError
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
+HEALTH = "health.json"  # verdicts on the checkpoints' weights (checkpoint_health.py)
 # Model options a resumed run may change: they alter neither the parameters nor the math of a step.
 MODEL_OPTIONS_FREE_ON_RESUME = ("seq_length", "init_method_std")
 
@@ -108,7 +109,7 @@ def prepare_fresh_run(root, start_over: bool, rank0: bool) -> None:
     if rank0:
         aside = root / time.strftime("previous-%Y%m%d-%H%M%S")
         aside.mkdir()
-        for item in [*root.glob("iter_*"), root / LATEST, root / "health.json"]:
+        for item in [*root.glob("iter_*"), root / LATEST, root / HEALTH]:
             if item.exists():
                 item.rename(aside / item.name)
         print(f"checkpoint.start_over: moved the earlier checkpoints in {root} to {aside}", flush=True)

@@ -20,9 +20,8 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from .checkpoint_dir import complete_checkpoints, point_latest, step_of
+from .checkpoint_dir import HEALTH, complete_checkpoints, point_latest, step_of
 
-HEALTH = "health.json"
 RECENT = 10  # losses a spike is measured against
 
 
@@ -50,10 +49,10 @@ def newest_healthy(root) -> Optional[Path]:
 class HealthMonitor:
     """Watches every step's global loss and grad norm (the same on every rank); rank 0 writes the verdicts."""
 
-    def __init__(self, root: Optional[str], spike_factor: float, writer: bool, resumed: Optional[Path] = None):
+    def __init__(self, root: Optional[str], spike_factor: float, writer: bool):
         self.root, self.spike_factor, self.writer = Path(root) if root else None, spike_factor, writer
         self.recent = deque(maxlen=RECENT)
-        self.pending: List[str] = [resumed.name] if resumed is not None else []  # saved, next step not yet seen
+        self.pending: List[str] = []  # checkpoints saved (or resumed) whose next step has not run yet
         self._reset_window()
 
     def _reset_window(self) -> None:
@@ -76,10 +75,10 @@ class HealthMonitor:
         for key, value in (("max_loss", loss), ("max_grad_norm", grad_norm)):
             if math.isfinite(value):
                 w[key] = value if w[key] is None else max(w[key], value)
-        if problem and "spike" in problem:
-            w["spikes"] += 1
-        elif problem is None:
+        if problem is None:
             self.recent.append(loss)
+        elif math.isfinite(loss) and math.isfinite(grad_norm):  # finite values: the problem is a spike
+            w["spikes"] += 1
         self._judge(step, problem)
         return problem
 

@@ -149,9 +149,7 @@ def _build_held_out(cfg, tokenizer, weights, index: int):
     name, option = HELD_OUT[index]
     own_paths = getattr(d, option)
     if own_paths:
-        split = ["0", "0", "0"]
-        split[index] = "100"
-        paths, split = own_paths, ",".join(split)  # the whole files
+        paths, split = own_paths, ",".join("100" if i == index else "0" for i in range(3))  # the whole files
         check_splits(paths, split, cfg.model.seq_length, training=False)
     elif weights[index] > 0:
         paths, split = d.paths, d.split
@@ -163,10 +161,11 @@ def _build_held_out(cfg, tokenizer, weights, index: int):
                           f"score): list the data.{option} prefixes without weights")
     # unweighted: exactly one epoch; a weighted blend needs a size: what one evaluation reads
     size = t.eval_steps * t.global_batch_size if weighted else None
-    sizes = [0, 0, 0]
-    sizes[index] = size
+    sizes = [size if i == index else 0 for i in range(3)]
     return build_datasets(paths, split, cfg.model.seq_length, tokenizer, VALID_SEED, sizes, d.cache_dir,
                           only_split=index)[index]
+
+
 def causal_mask(seq_length: int) -> torch.Tensor:
     return torch.ones(1, 1, seq_length, seq_length, dtype=torch.bool).triu(1)
 

@@ -54,8 +54,6 @@ def rows_with(run, key="valid_loss"):
     return [row for row in map(json.loads, open(run / "log" / "metrics.jsonl")) if key in row]
 
 
-valid_rows = rows_with
-
 
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
@@ -76,7 +74,7 @@ def heldout_samples(data, name="heldout"):
 
 
 def test_every_evaluation_scores_the_same_tokens_and_logs_how_many(trained):
-    rows = valid_rows(trained)
+    rows = rows_with(trained)
     assert [r["step"] for r in rows] == [2, 4]
     assert {r["valid_tokens"] for r in rows} == {2 * 4 * SEQ}  # eval_steps x global batch x seq
 
@@ -94,8 +92,8 @@ def test_a_checkpoints_validation_loss_is_the_same_in_any_layout_and_seed(data, 
     proc = torchrun(TRAIN, nproc, "--config", "tiny_cpu", *overrides(data, run, **{
         "data.valid_paths": f"[{data / 'heldout'}]", "data.split": "100,0,0", "train.eval_only": "true", **layout}))
     assert "resumed from" in proc.stdout
-    (row,) = valid_rows(run)
-    want = valid_rows(trained)[-1]
+    (row,) = rows_with(run)
+    want = rows_with(trained)[-1]
     assert row["step"] == 4 and row["valid_tokens"] == want["valid_tokens"]
     assert row["valid_loss"] == pytest.approx(want["valid_loss"], rel=0, abs=2e-6)
 
@@ -149,7 +147,7 @@ def test_deepspeed_scores_the_same_held_out_set(data, tmp_path):
     torchrun(TRAIN_DS, 2, "--config", "tiny_cpu", "--deepspeed", "zero1", *overrides(data, run, **{
         "data.valid_paths": f"[{data / 'heldout_doc'}]", "data.split": "100,0,0", "train.eval_full": "true"}))
     assert heldout_samples(data, "heldout_doc") % 4 <= 2  # rank 1's share of the last global batch is padding
-    assert {r["valid_tokens"] for r in valid_rows(run)} == {heldout_samples(data, "heldout_doc") * SEQ}
+    assert {r["valid_tokens"] for r in rows_with(run)} == {heldout_samples(data, "heldout_doc") * SEQ}
 
 
 def test_a_split_and_valid_paths_both_claiming_validation_is_one_line(data, tmp_path):

@@ -8,7 +8,6 @@ plan; with `n_col="N_total"` and F = 6N it reduces to Chinchilla's frontier.
 from __future__ import annotations
 
 import zlib
-
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 

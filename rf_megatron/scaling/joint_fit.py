@@ -15,14 +15,13 @@ independent fits (`scaling_compare --method independent`) are the honest answer.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
 import numpy as np
 from scipy.optimize import minimize
 
-from .fit import BOUNDS, DELTA, LawFit, single_threaded_blas
+from .fit import BOUNDS, DELTA, LawFit, init_grid, single_threaded_blas
 
 
 def _objective(theta, fam, k, log_n, log_d, log_l, delta, alpha_per_family):
@@ -73,13 +72,11 @@ def _bounds(k, alpha_per_family):
 
 
 def _starts(k, alpha_per_family, args, n_best: int):
-    """Hoffmann et al.'s grid (every family starting from the same a), screened to the `n_best` lowest."""
-    grid = []
-    for alpha, beta, e, a, b in itertools.product((0.0, 0.5, 1.0, 1.5, 2.0), (0.0, 0.5, 1.0, 1.5, 2.0),
-                                                  (-1.0, 0.0, 1.0), (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
-                                                  (0.0, 5.0, 10.0, 15.0, 20.0, 25.0)):
-        grid.append([e, b, beta] + [a] * k + [alpha] * (k if alpha_per_family else 1))
-    grid = np.array(grid)
+    """Hoffmann et al.'s grid (`fit.init_grid`, e on whole steps only; every family starting from the same a),
+    screened to the `n_best` lowest."""
+    hoffmann = init_grid()
+    a, b, e, alpha, beta = hoffmann[np.isin(hoffmann[:, 2], (-1.0, 0.0, 1.0))].T
+    grid = np.column_stack([e, b, beta] + [a] * k + [alpha] * (k if alpha_per_family else 1))
     return grid[np.argsort(_values(grid, *args), kind="stable")[:n_best]]
 
 
