@@ -18,7 +18,7 @@ JIT_MODULE = "megatron.core.jit"
 
 
 def lazy_compile(fn=None, **options):
-    """`torch.compile(fn, **options)`, deferred to fn's first call (usable as `@lazy_compile` or `@lazy_compile(...)`)."""
+    """`torch.compile(fn, **options)`, deferred to fn's first call (`@lazy_compile` or `@lazy_compile(...)`)."""
     if fn is None:
         return lambda f: lazy_compile(f, **options)
     compiled = None

@@ -474,6 +474,49 @@ def test_the_exponent_check_flags_families_whose_alphas_differ():
     assert check["shared_exponent_violated"] and check["ci"][0] > 0.05, check
 
 
+def test_a_finite_diverged_run_is_named_as_an_outlier_and_strict_exits_3(tmp_path):
+    """A run at 1.5x its law's loss (diverged, yet finite) passes the finiteness check; the robust residual check
+    names it, the JSON lists it, --strict fails. The same table without it has no warning and exits 0."""
+    law = random_law(np.random.default_rng(5))
+    runs = two_family_runs(law, saving=0.15, noise=0.005, seed=4)
+    runs["name"] = [f"{f}{i}" for i, f in enumerate(runs["family"])]
+    runs.to_csv(tmp_path / "clean.csv", index=False)
+    runs.loc[runs["name"] == "b40", "valid_loss"] *= 1.5
+    diverged = runs.loc[runs["name"] == "b40", "valid_loss"].item()
+    runs.to_csv(tmp_path / "bad.csv", index=False)
+    args = ["--a", "a", "--b", "b", "--n-col", "N_total", "--n-boot", "20", "--starts", "8", "--strict"]
+    bad = _tool("scaling_compare.py", tmp_path / "bad.csv", *args, "--out", tmp_path / "bad.json", check=False)
+    assert bad.returncode == 3 and "error: --strict: " in bad.stderr, bad.stdout + bad.stderr
+    (line,) = [w for w in bad.stdout.splitlines() if w.startswith("warning: run ")]
+    assert line.startswith(f"warning: run b40 (b): valid_loss={diverged:.4g}, the law predicts ")
+    assert "robust z = +" in line
+    assert any(w.startswith("run b40 (b)") for w in json.loads((tmp_path / "bad.json").read_text())["warnings"])
+    clean = _tool("scaling_compare.py", tmp_path / "clean.csv", *args, "--out", tmp_path / "clean.json")
+    assert "warning:" not in clean.stdout and json.loads((tmp_path / "clean.json").read_text())["warnings"] == []
+
+
+def test_parameters_at_bounds_stuck_frontiers_and_undefined_savings_are_warned():
+    from rf_megatron.scaling.compare import compare
+    from rf_megatron.scaling.diagnostics import compare_warnings, law_warnings
+
+    n = np.array([1e7, 1e9])
+    flat_in_n = _family_fit(LawFit(E=1.7, A=0.3, B=410.0, alpha=0.0, beta=0.28), "flat", n, None)
+    (stuck,) = law_warnings("flat", flat_in_n)
+    assert stuck == "flat: alpha at the fit's box bounds: the runs do not determine them"
+    base = _family_fit(_law(TRUE), "vanilla", n, None)
+    result = compare(flat_in_n, base, {"N": 3e8, "D": 6e9, "C": 1.08e19})
+    warned = compare_warnings(result, {"flat": flat_in_n, "vanilla": base})
+    assert any(w.startswith("flat: the compute-optimal search at C=1.08e+19 ended at its bracket") for w in warned)
+    assert not any(w.startswith("vanilla:") for w in warned)
+    undefined = {"a": "x", "b": "y", "reference": {"C": 1.0}, "estimate": {"param_saving": float("nan"),
+                 "data_saving": 0.1}, "nan_fraction": {"param_saving": 0.25, "data_saving": 0.4}}
+    fine = type("F", (), {"frontier": lambda self, c: {"at_bound": False}})()
+    assert compare_warnings(undefined, {"x": fine, "y": fine}) == [
+        "param_saving: undefined for the fit itself but defined in 75% of the replicates: the CI describes those "
+        "replicates, not this fit",
+        "data_saving: undefined in 40% of the replicates: its CI covers only the rest"]
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. end to end on CPU: plan -> runs -> collect -> fit -> compare -> plots
 

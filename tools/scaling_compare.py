@@ -23,9 +23,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rf_megatron.scaling.cli_common import add_fit_options, fit_kwargs, fmt_ci, write_outputs  # noqa: E402
+from rf_megatron.scaling.cli_common import add_fit_options, finish, fit_kwargs, fmt_ci, write_outputs  # noqa: E402
 from rf_megatron.scaling.collect import read_table  # noqa: E402
 from rf_megatron.scaling.compare import compare, default_reference, frontier_curves  # noqa: E402
+from rf_megatron.scaling.diagnostics import compare_warnings, law_warnings, outlier_warnings  # noqa: E402
 from rf_megatron.scaling.family_fits import clean_table, fit_families  # noqa: E402
 from rf_megatron.scaling.joint_fit import joint_family_fits  # noqa: E402
 
@@ -82,8 +83,14 @@ def main(argv=None) -> int:
     budgets = sorted(df["budget"].unique())
     grid = np.geomspace(budgets[0] / 3, budgets[-1] * 10, 30)
     result["frontier"] = frontier_curves(fits, grid)
+    warnings = [w for name, f in fits.items() for w in law_warnings(name, f)]
+    warnings += outlier_warnings(df, fits, a.n_col, a.loss_col) + compare_warnings(result, fits)
+    if joint and joint["exponent_check"]["shared_exponent_violated"]:
+        warnings.append(f"alpha_{a.a} - alpha_{a.b}: its CI excludes 0, the joint model's shared exponent does not "
+                        "hold: use --method independent")
+    result["warnings"] = warnings
     write_outputs(result, a, df, fits)
-    return 0
+    return finish(warnings, a)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rf_megatron.scaling.cli_common import add_fit_options, fit_kwargs, fmt_ci, write_outputs  # noqa: E402
+from rf_megatron.scaling.cli_common import add_fit_options, finish, fit_kwargs, fmt_ci, write_outputs  # noqa: E402
 from rf_megatron.scaling.collect import read_table  # noqa: E402
+from rf_megatron.scaling.diagnostics import law_warnings, outlier_warnings  # noqa: E402
 from rf_megatron.scaling.family_fits import clean_table, fit_families  # noqa: E402
 
 
@@ -42,8 +43,6 @@ def main(argv=None) -> int:
               f"{len(f.boot_laws)} replicates)")
         for k in ("E", "A", "B", "alpha", "beta"):
             print(f"  {k:>5} = {fmt_ci(getattr(f.law, k), ci[k])}")
-        if f.law.at_bounds():
-            print(f"  warning: {', '.join(f.law.at_bounds())} at the fit's box bounds: the runs do not determine them")
         d = f.law.derived()
         print(f"  N_opt ~ C^{fmt_ci(d['a'], ci['a'])}, D_opt ~ C^{fmt_ci(d['b'], ci['b'])} (approach 3, C = 6ND)")
         a2 = f.approach2
@@ -53,8 +52,11 @@ def main(argv=None) -> int:
                   f"({len(a2['minima'])} budgets)")
         else:
             print(f"  approach 2: {len(a2['minima'])} budget minima (need 2 for a power law)")
+    warnings = [w for name, f in fits.items() for w in law_warnings(name, f)]
+    warnings += outlier_warnings(df, fits, a.n_col, a.loss_col)
+    report["warnings"] = warnings
     write_outputs(report, a, df, fits)
-    return 0
+    return finish(warnings, a)
 
 
 if __name__ == "__main__":

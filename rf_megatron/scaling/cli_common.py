@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ def add_fit_options(p) -> None:
     p.add_argument("--boot-starts", default="8", help="starts per bootstrap refit: K best optima of the fit, or all")
     p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strict", action="store_true",
+                   help="exit 3 when a diagnostic warns (parameters at bounds, outlier runs, stuck searches, ...)")
 
 
 def fit_kwargs(a) -> dict:
@@ -52,6 +55,17 @@ def write_json(obj, path) -> None:
 def fmt_ci(value, ci) -> str:
     lo, hi = ci
     return f"{value:.4g} [{lo:.4g}, {hi:.4g}]"
+
+
+def finish(warnings, a) -> int:
+    """Print the diagnostics (rf_megatron/scaling/diagnostics.py); the exit code under --strict."""
+    from .diagnostics import report
+
+    report(warnings)
+    if warnings and a.strict:
+        print(f"error: --strict: {len(warnings)} warning(s)", file=sys.stderr)
+        return 3
+    return 0
 
 
 def write_outputs(report, a, df, fits) -> None:
