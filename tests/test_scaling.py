@@ -450,19 +450,49 @@ def test_joint_fit_ci_covers_the_truth_in_at_least_90_percent_of_20_seeds_at_2_p
     assert covered >= 18, covered
 
 
+@pytest.mark.slow  # 4 full-grid fits (4500 starts each, ~40 s apiece); bench/scaling_fit_speed.py times both
+def test_the_default_screened_starts_find_the_full_grids_optimum():
+    from rf_megatron.scaling.fit import DEFAULT_STARTS
+
+    rng = np.random.default_rng(21)
+    for noise in (0.005, 0.02, 0.05, 0.1):
+        law = random_law(rng)
+        N, D, L = isoflop_design(law, [1e18, 3e18, 1e19, 3e19, 1e20], sizes_per_budget=8, noise=noise,
+                                 seed=int(rng.integers(1 << 30)))
+        full, screened = fit_law(N, D, L, starts="all"), fit_law(N, D, L, starts=DEFAULT_STARTS)
+        assert screened.objective <= full.objective * (1 + 1e-9) + 1e-12, noise
+        assert np.abs(screened.theta - full.theta).max() < 1e-4, (noise, screened, full)
+
+
 def test_scaling_compare_uses_the_joint_fit_by_default(tmp_path):
     law = random_law(np.random.default_rng(5))
     runs = two_family_runs(law, saving=0.15, noise=0.005, seed=4)
     runs["name"] = [f"{f}{i}" for i, f in enumerate(runs["family"])]
     runs.to_csv(tmp_path / "table.csv", index=False)
     proc = _tool("scaling_compare.py", tmp_path / "table.csv", "--a", "a", "--b", "b", "--n-col", "N_total",
-                 "--n-boot", "30", "--starts", "8", "--out", tmp_path / "compare.json", "--plots", tmp_path / "plots")
+                 "--n-boot", "30", "--starts", "8", "--out", tmp_path / "compare.json", "--plots", tmp_path / "plots",
+                 "--tables", tmp_path / "tables")
     report = json.loads((tmp_path / "compare.json").read_text())
     assert report["method"] == "joint" and "at every scale" in proc.stdout, proc.stdout
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["frontier.png", "isoflop.png", "loss_vs_n.png"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "frontier.png", "isoflop.png", "loss_vs_n.png", "residuals.png", "savings_vs_scale.png"]
     lo, hi = report["joint"]["param_saving_ci"]
     assert lo <= 0.15 <= hi and report["joint"]["exponent_check"]["shared_exponent_violated"] is False
     assert report["estimate"]["param_saving"] == pytest.approx(report["joint"]["param_saving"], abs=1e-6)
+    # without any one of the 5 budgets the saving stays near the truth; the joint model's saving holds at every C
+    lobo = report["leave_one_budget_out"]
+    assert len(lobo) == 5 and all(abs(r["param_saving"] - 0.15) < 0.02 for r in lobo), lobo
+    assert "leave one budget out: param_saving from " in proc.stdout
+    along = report["savings_vs_scale"]
+    assert np.allclose(along["param_saving_at_b_opt"], report["joint"]["param_saving"], atol=1e-6)
+    assert all(lo <= s <= hi for s, (lo, hi) in zip(along["param_saving_at_b_opt"], along["param_saving_at_b_opt_ci"]))
+    csv = (tmp_path / "tables" / "savings.csv").read_text().splitlines()
+    assert csv[0] == "quantity,estimate,ci_low,ci_high,ci_level,undefined_replicates"
+    name, est, ci_lo, ci_hi = csv[1].split(",")[:4]
+    assert name == "param_saving" and float(est) == pytest.approx(report["estimate"]["param_saving"], rel=1e-5)
+    assert (float(ci_lo), float(ci_hi)) == pytest.approx(tuple(report["ci"]["param_saving"]), rel=1e-5)
+    tex = (tmp_path / "tables" / "savings.tex").read_text()
+    assert tex.startswith("\\begin{tabular}{lr}") and f"param saving & {100 * float(est):.1f}\\%" in tex
 
 
 def test_the_exponent_check_flags_families_whose_alphas_differ():

@@ -12,6 +12,11 @@ frontiers. Bootstrap CIs pair the replicate fits of the two families.
 (rf_megatron/scaling/joint_fit.py): the parameter saving is then the same at every scale and its CI several times
 narrower; the report says whether an alpha per family fits better (the shared exponent violated). --method
 independent: a five-parameter law per family, as scaling_fit.py.
+
+Also reported: the savings refitted without each budget in turn (leave one budget out: is the answer carried by
+one budget?), the savings at b's compute-optimal point along C with their bootstrap band (--plots:
+savings_vs_scale.png), --tables DIR: savings.csv and savings.tex (booktabs) for a paper, and the diagnostics'
+warnings (--strict: exit 3 when there is any).
 """
 from __future__ import annotations
 
@@ -25,10 +30,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rf_megatron.scaling.cli_common import add_fit_options, finish, fit_kwargs, fmt_ci, write_outputs  # noqa: E402
 from rf_megatron.scaling.collect import read_table  # noqa: E402
-from rf_megatron.scaling.compare import compare, default_reference, frontier_curves  # noqa: E402
+from rf_megatron.scaling.compare import (compare, default_reference, frontier_curves, leave_one_budget_out,  # noqa: E402
+                                         savings_along_frontier, savings_table)
 from rf_megatron.scaling.diagnostics import compare_warnings, law_warnings, outlier_warnings  # noqa: E402
-from rf_megatron.scaling.family_fits import clean_table, fit_families  # noqa: E402
-from rf_megatron.scaling.joint_fit import joint_family_fits  # noqa: E402
+from rf_megatron.scaling.family_fits import clean_table, fit_families, usable  # noqa: E402
+from rf_megatron.scaling.fit import fit_law  # noqa: E402
+from rf_megatron.scaling.joint_fit import fit_joint, joint_family_fits  # noqa: E402
+from rf_megatron.scaling.plots import savings_vs_scale  # noqa: E402
+
+
+def refit_laws(a):
+    """df -> (law of a, law of b), point estimates by the chosen method (leave-one-budget-out refits)."""
+    def joint(df):
+        point, _ = fit_joint(df, [a.a, a.b], n_col=a.n_col, loss_col=a.loss_col, n_boot=0,
+                             starts=10 ** 9 if a.starts == "all" else int(a.starts))
+        return point.law(a.a), point.law(a.b)
+
+    def independent(df):
+        kw = fit_kwargs(a)
+        return tuple(fit_law(*(usable(df[df["family"] == f], a.loss_col)[c].to_numpy(float)
+                               for c in (a.n_col, "D", a.loss_col)), starts=kw["starts"]) for f in (a.a, a.b))
+
+    return joint if a.method == "joint" else independent
 
 
 def main(argv=None) -> int:
@@ -43,6 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--plots", help="directory for loss_vs_n.png, isoflop.png, frontier.png of the two families")
     p.add_argument("--method", choices=("joint", "independent"), default="joint",
                    help="joint: shared E, B, alpha, beta and A per family (default); independent: a law per family")
+    p.add_argument("--tables", help="directory for savings.csv and savings.tex (the estimates with their CIs)")
     add_fit_options(p)
     a = p.parse_args(argv)
     df = clean_table(read_table(a.table), a.loss_col)
@@ -50,7 +74,7 @@ def main(argv=None) -> int:
     try:
         if a.method == "joint":
             fits, joint = joint_family_fits(df, a.a, a.b, a.n_col, a.loss_col, a.n_boot, a.seed, level=a.level,
-                                            starts=32 if a.starts == "all" else int(a.starts))
+                                            starts=10 ** 9 if a.starts == "all" else int(a.starts))
         else:
             fits = fit_families(df, [a.a, a.b], **fit_kwargs(a))
         ref = default_reference(df, a.b, a.n_col, a.loss_col)
@@ -83,6 +107,17 @@ def main(argv=None) -> int:
     budgets = sorted(df["budget"].unique())
     grid = np.geomspace(budgets[0] / 3, budgets[-1] * 10, 30)
     result["frontier"] = frontier_curves(fits, grid)
+    result["leave_one_budget_out"] = leave_one_budget_out(df, fits[a.a], fits[a.b], ref, refit_laws(a))
+    if result["leave_one_budget_out"]:
+        moved = [r["param_saving"] for r in result["leave_one_budget_out"]]
+        print(f"  leave one budget out: param_saving from {np.nanmin(moved):.4g} to {np.nanmax(moved):.4g} "
+              f"({len(moved)} refits, each without one budget)")
+    along = np.geomspace(budgets[0], budgets[-1] * 100, 12)
+    result["savings_vs_scale"] = savings_along_frontier(fits[a.a], fits[a.b], along, a.level)
+    if a.tables:
+        for name in ("savings.csv", "savings.tex"):
+            savings_table(result, Path(a.tables) / name)
+            print(f"wrote {Path(a.tables) / name}")
     warnings = [w for name, f in fits.items() for w in law_warnings(name, f)]
     warnings += outlier_warnings(df, fits, a.n_col, a.loss_col) + compare_warnings(result, fits)
     if joint and joint["exponent_check"]["shared_exponent_violated"]:
@@ -90,6 +125,8 @@ def main(argv=None) -> int:
                         "hold: use --method independent")
     result["warnings"] = warnings
     write_outputs(result, a, df, fits)
+    if a.plots:
+        print(f"wrote {savings_vs_scale(result['savings_vs_scale'], a.a, a.b, Path(a.plots) / 'savings_vs_scale.png')}")
     return finish(warnings, a)
 
 

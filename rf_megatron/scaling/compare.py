@@ -86,3 +86,67 @@ def frontier_curves(fits: Dict[str, FamilyFit], C_grid) -> Dict[str, Dict[str, l
         pts = [fit.frontier(c) for c in C_grid]
         out[name] = {k: [p[k] for p in pts] for k in ("C", "N_opt", "D_opt", "L_opt")}
     return out
+
+
+def savings_along_frontier(fa: FamilyFit, fb: FamilyFit, C_grid, level: float = 0.95) -> Dict[str, list]:
+    """Parameter and data saving of a at b's compute-optimal (N, D) of each budget C, each with its bootstrap
+    CI (paired replicates, as `compare`): how the saving moves with scale (constant for the joint model's
+    parameter saving, by construction)."""
+    keys = ("param_saving_at_b_opt", "data_saving_at_b_opt")
+
+    def at(law_a: LawFit, law_b: LawFit, C: float):
+        opt = fb.frontier(C, law_b)
+        target = float(law_b.predict(opt["N_opt"], opt["D_opt"]))
+        return (1 - float(law_a.param_for_loss(target, opt["D_opt"])) / opt["N_opt"],
+                1 - float(law_a.data_for_loss(target, opt["N_opt"])) / opt["D_opt"])
+
+    lo_q, hi_q = 50 * (1 - level), 50 * (1 + level)
+    out: Dict[str, list] = {"C": [float(c) for c in C_grid], **{k: [] for k in keys}, **{f"{k}_ci": [] for k in keys}}
+    for C in C_grid:
+        point = at(fa.law, fb.law, C)
+        reps = np.array([at(la, lb, C) for la, lb in zip(fa.boot_laws, fb.boot_laws)], float).reshape(-1, 2)
+        for i, k in enumerate(keys):
+            out[k].append(point[i])
+            col = reps[:, i][np.isfinite(reps[:, i])]
+            out[f"{k}_ci"].append(tuple(float(x) for x in np.percentile(col, [lo_q, hi_q])) if len(col)
+                                  else (np.nan, np.nan))
+    return out
+
+
+def leave_one_budget_out(df, fa: FamilyFit, fb: FamilyFit, reference: Dict[str, float], refit) -> list:
+    """The savings at the reference refitted without each budget in turn (point estimates; `refit(df)` returns
+    the two laws (a, b)): a saving that moves a lot when one budget goes is carried by that budget."""
+    rows = []
+    budgets = sorted(usable(df[df["family"].isin([fa.family, fb.family])])["budget"].unique())
+    if len(budgets) < 3:  # dropping one would leave a single budget: no law to fit
+        return rows
+    for budget in budgets:
+        law_a, law_b = refit(df[df["budget"] != budget])
+        s = _savings(law_a, law_b, fa, fb, reference["N"], reference["D"], reference["C"])
+        rows.append({"without_budget": float(budget), "param_saving": s["param_saving"],
+                     "data_saving": s["data_saving"]})
+    return rows
+
+
+def savings_table(result: Dict[str, object], path) -> None:
+    """The estimates with their CIs as CSV (path ending .csv) or a LaTeX booktabs table (.tex)."""
+    from pathlib import Path
+
+    path = Path(path)
+    keys = [k for k in ("param_saving", "data_saving", "compute_saving", "param_saving_at_b_opt",
+                        "data_saving_at_b_opt", "loss_gap_at_C") if k in result["estimate"]]
+    est, ci, nan = result["estimate"], result["ci"], result.get("nan_fraction", {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".csv":
+        lines = ["quantity,estimate,ci_low,ci_high,ci_level,undefined_replicates"]
+        lines += [f"{k},{est[k]:.6g},{ci[k][0]:.6g},{ci[k][1]:.6g},{result['ci_level']},{nan.get(k, 0.0):.3g}"
+                  for k in keys]
+    else:
+        pct = lambda k, x: f"{x:.4f}" if k == "loss_gap_at_C" else f"{100 * x:.1f}\\%"  # noqa: E731
+        lines = [r"\begin{tabular}{lr}", r"\toprule",
+                 f"{result['a']} vs {result['b']} & estimate [{int(100 * result['ci_level'])}\\% CI] \\\\",
+                 r"\midrule"]
+        lines += [f"{k.replace('_', ' ')} & {pct(k, est[k])} [{pct(k, ci[k][0])}, {pct(k, ci[k][1])}] \\\\"
+                  for k in keys]
+        lines += [r"\bottomrule", r"\end{tabular}"]
+    path.write_text("\n".join(lines) + "\n")

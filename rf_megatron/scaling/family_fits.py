@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from .fit import Bootstrap, LawFit, bootstrap_law
+from .fit import DEFAULT_BOOT_STARTS, DEFAULT_STARTS, Bootstrap, LawFit, bootstrap_law
 from .isoflop import approach2
 
 N_COLUMNS = ("N_nonembed", "N_total")
@@ -64,7 +64,7 @@ def flops_interpolation(N, F) -> Callable[[float], float]:
 
 
 def fit_family(df, family: str, n_col: str = "N_nonembed", loss_col: str = "valid_loss", n_boot: int = 200,
-               starts="all", boot_starts=8, seed: int = 0) -> FamilyFit:
+               starts=DEFAULT_STARTS, boot_starts=DEFAULT_BOOT_STARTS, seed: int = 0) -> FamilyFit:
     from .fit import fit_law
 
     if n_col not in N_COLUMNS:

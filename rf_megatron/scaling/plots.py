@@ -1,5 +1,5 @@
-"""Scaling figures (PNG, matplotlib Agg): loss vs N, IsoFLOP curves with their minima, and the
-compute-optimal frontier of each family."""
+"""Scaling figures (PNG, matplotlib Agg): loss vs N, IsoFLOP curves with their minima, the compute-optimal
+frontier and the residuals of each family; for a comparison, the savings along the frontier with their band."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,6 +28,14 @@ def _budget_colors(budgets):
     return {b: cmap(i / max(1, len(budgets) - 1)) for i, b in enumerate(budgets)}
 
 
+def _budget_legend(ax, colors) -> None:
+    """Which colour is which budget (a legend of patches, beside the families' marker legend)."""
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=c, label=f"C={b:.2g}") for b, c in colors.items()]
+    ax.add_artist(ax.legend(handles=handles, fontsize=7, loc="upper right", title="budget", title_fontsize=7))
+
+
 def loss_vs_n(df, fits: Dict[str, FamilyFit], out, loss_col="valid_loss") -> Path:
     """Final loss vs N: points per run (colour = budget, marker = family), lines = the approach-3
     law along each IsoFLOP curve, L(N, C / F(N))."""
@@ -48,7 +56,47 @@ def loss_vs_n(df, fits: Dict[str, FamilyFit], out, loss_col="valid_loss") -> Pat
     ax.set_xlabel(f"parameters ({next(iter(fits.values())).n_col})" if fits else "parameters")
     ax.set_ylabel(loss_col)
     ax.set_title("loss vs N (colour: budget C; lines: fitted L(N, C/F(N)))")
-    ax.legend()
+    _budget_legend(ax, colors)
+    ax.legend(loc="lower left")
+    return _save(fig, out)
+
+
+def residuals(df, fits: Dict[str, FamilyFit], out, loss_col="valid_loss") -> Path:
+    """Per family: 100 x log(loss / law) per run vs N (colour: budget). Structure here (a trend with N or with
+    the budget) says the functional form misses something; a lone far point is an outlier (diagnostics.py)."""
+    plt = _plt()
+    rows = usable(df, loss_col)
+    colors = _budget_colors(rows["budget"].unique())
+    fig, axes = plt.subplots(1, max(1, len(fits)), figsize=(5.5 * max(1, len(fits)), 4), squeeze=False, sharey=True)
+    for ax, (name, fit) in zip(axes[0], fits.items()):
+        fam = rows[rows["family"] == name]
+        r = 100 * np.log(fam[loss_col].to_numpy(float) / fit.law.predict(fam[fit.n_col], fam["D"]))
+        ax.scatter(fam[fit.n_col], r, c=[colors[b] for b in fam["budget"]], zorder=3)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"parameters ({fit.n_col})")
+        ax.set_title(f"{name}: residuals of the approach-3 law", fontsize=10)
+        _budget_legend(ax, colors)
+    axes[0][0].set_ylabel("100 x log(loss / law)  (~ % off)")
+    return _save(fig, out)
+
+
+def savings_vs_scale(curves: Dict[str, Dict[str, list]], a: str, b: str, out, level: float = 0.95) -> Path:
+    """The savings of a over b at b's compute-optimal point of each budget C, with the bootstrap band
+    (`compare.savings_along_frontier`): does the saving grow, hold or shrink with scale?"""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    C = np.asarray(curves["C"])
+    for key, label in (("param_saving_at_b_opt", "parameter saving"), ("data_saving_at_b_opt", "data saving")):
+        line, = ax.plot(C, 100 * np.asarray(curves[key], float), label=label)
+        lo, hi = (100 * np.asarray(x, float) for x in zip(*curves[f"{key}_ci"]))
+        ax.fill_between(C, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"training FLOPs C (at {b}'s compute-optimal point)")
+    ax.set_ylabel(f"saving of {a} over {b} (%)")
+    ax.set_title(f"savings vs scale ({int(100 * level)}% bootstrap band)")
+    ax.legend(fontsize=8)
     return _save(fig, out)
 
 
@@ -114,7 +162,8 @@ def all_plots(df, fits: Dict[str, FamilyFit], out_dir, loss_col="valid_loss") ->
     out_dir = Path(out_dir)
     return [loss_vs_n(df, fits, out_dir / "loss_vs_n.png", loss_col),
             isoflop_curves(df, fits, out_dir / "isoflop.png", loss_col),
-            frontier(df, fits, out_dir / "frontier.png", loss_col)]
+            frontier(df, fits, out_dir / "frontier.png", loss_col),
+            residuals(df, fits, out_dir / "residuals.png", loss_col)]
 
 
 def _save(fig, out) -> Path:
