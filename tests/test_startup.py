@@ -8,16 +8,26 @@ import pytest
 from conftest import REPO
 
 
-@pytest.mark.mcore_api
-def test_importing_megatron_after_rf_megatron_leaves_the_compiler_unimported():
+def _probe_megatron_import():
     probe = ("import sys, rf_megatron, megatron.core, megatron.core.jit as jit\n"
              "from megatron.core.fusions.fused_bias_gelu import bias_gelu\n"
              "from rf_megatron.lazy_jit import lazy_compile\n"
-             "print(jit.jit_fuser is lazy_compile, 'torch._dynamo' in sys.modules, "
-             "'torch._inductor.compile_fx' in sys.modules, hasattr(bias_gelu, '__wrapped__'))")
+             "print(megatron.core.__version__, jit.jit_fuser is lazy_compile, hasattr(bias_gelu, '__wrapped__'), "
+             "'torch._dynamo' in sys.modules, 'torch._inductor.compile_fx' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["True", "False", "False", "True"]
+    version, *flags = proc.stdout.split()
+    return tuple(int(part) for part in version.split(".")[:2]), [flag == "True" for flag in flags]
+
+
+@pytest.mark.mcore_api
+def test_importing_megatron_after_rf_megatron_makes_its_jit_fuser_lazy():
+    version, (lazy, wrapped, dynamo, inductor) = _probe_megatron_import()
+    assert lazy and wrapped
+    # 0.16.1 compiles only through jit_fuser, so the import leaves the compiler out. 0.19.2 also decorates
+    # InferenceTopKRouter._compiled_topk_routing with a bare @torch.compile in moe/router.py, which imports
+    # TorchDynamo and Inductor whatever we do: the saving is 0.16.1's (import CPU 9.1 s -> 4.8 s; 0.19.2: ~8 s).
+    assert dynamo == inductor == (version >= (0, 19))
 
 
 def test_a_lazily_compiled_function_compiles_once_at_its_first_call_with_its_options():
