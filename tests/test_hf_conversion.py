@@ -221,6 +221,67 @@ def test_cli_bf16_export_verifies_against_megatron(trained, tmp_path):
         assert "model.layers.1.self_attn.v_proj.weight" not in f.keys()  # SVFormer: no V after layer 1
 
 
+@pytest.mark.parametrize("variant,dtype,shard", [("learnable", "fp32", "100KB"), ("svformer_gqa", "bf16", "60KB")])
+def test_streamed_shards_hold_what_the_in_memory_mapping_of_the_loaded_model_writes(
+        variant, dtype, shard, trained, megatron_single_rank, tmp_path):
+    """The streaming export (one layer at a time, headers planned from metadata) against the whole TP1 model
+    loaded by Megatron and mapped in memory: the same shard files, each with the same tensors, bit for bit."""
+    from safetensors.torch import load_file
+
+    from rf_megatron.hf import export as ex
+    from rf_megatron.hf.safetensors_io import INDEX, parse_size, save_sharded
+    from rf_megatron.hf.weights import megatron_to_hf
+
+    streamed = ex.export(trained[variant], tmp_path / "streamed", dtype=dtype, max_shard_size=shard, verify="none",
+                         log=lambda *_: None)
+    it = ex.resolve_checkpoint(trained[variant])
+    cfg = ex.read_run_config(it)
+    with ex.megatron_single_process():
+        state = ex.megatron_state(ex.load_megatron_model(it, cfg))
+    hf = {name: t.to(ex.DTYPES[dtype]) for name, t in megatron_to_hf(state, cfg.model).items()}
+    (tmp_path / "in_memory").mkdir()
+    files = save_sharded(hf, tmp_path / "in_memory", parse_size(shard))
+    assert len(files) >= 3 and sorted(p.name for p in streamed.glob("*.safetensors")) == sorted(files)
+    for file in files:
+        got, want = load_file(str(streamed / file)), load_file(str(tmp_path / "in_memory" / file))
+        assert sorted(got) == sorted(want), file
+        assert all(got[n].dtype == want[n].dtype and torch.equal(got[n], want[n]) for n in want), file
+    assert (json.loads((streamed / INDEX).read_text())
+            == json.loads((tmp_path / "in_memory" / INDEX).read_text()))
+
+
+def test_weights_only_export_verified_by_reading_back_names_a_corrupt_tensor(trained, tmp_path):
+    """--verify weights (what --verify auto picks above 1B parameters) and --no-tokenizer, through the CLI; then
+    one flipped byte in a written shard is caught and named."""
+    from rf_megatron.hf import export as ex
+    from rf_megatron.hf.dist_tensors import DistCheckpointTensors
+    from rf_megatron.hf.safetensors_io import INDEX
+
+    out = tmp_path / "weights_only"
+    proc = run_tool("convert_checkpoint_to_hf.py", "--checkpoint", trained["svformer_gqa"], "--output", out,
+                    "--verify", "weights", "--no-tokenizer", "--max-shard-size", "60KB")
+    assert "no tokenizer: writing the weights alone" in proc.stdout
+    count = len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"])
+    assert f"wrote {count}/{count} tensors" in proc.stdout and f"verified: {count} tensors read back" in proc.stdout
+    assert not list(out.glob("tokenizer*")) and not (out / "special_tokens_map.json").exists()
+    assert "not included (weights-only export)" in (out / "README.md").read_text()
+    assert type(load_hf(out)).__name__ == "RFGPTForCausalLM"
+
+    it = ex.resolve_checkpoint(trained["svformer_gqa"])
+    cfg = ex.read_run_config(it)
+    tensors = DistCheckpointTensors(it)
+    _, from_global = ex.plan_hf_tensors(tensors, cfg.model, torch.float32)
+    name = "model.layers.2.self_attn.o_proj.weight"
+    shard = out / json.loads((out / INDEX).read_text())["weight_map"][name]
+    blob = bytearray(shard.read_bytes())
+    header_len = int.from_bytes(blob[:8], "little")
+    start = json.loads(blob[8:8 + header_len])[name]["data_offsets"][0]
+    blob[8 + header_len + start + 6] ^= 0x10
+    shard.write_bytes(bytes(blob))
+    with pytest.raises(ex.ConversionError, match=f"{name} in {shard.name} differs from the checkpoint"):
+        ex.verify_weights(out, tensors, cfg.model, from_global)
+
+
 # --------------------------------------------------------------------------------------------------
 # HF -> checkpoint -> HF, and the trainer resuming from it
 # --------------------------------------------------------------------------------------------------

@@ -52,9 +52,9 @@ def tmp_root(tmp_path_factory):
     return tmp_path_factory.mktemp("layouts")
 
 
-# TP2 and PP2 alone are composed by TP2 x PP2 (and TP2 + SP, PP2 x VPP2): on later Megatron-Core versions the composed
-# layouts run, the parts only on the first (.ci/run)
-COMPOSED_ELSEWHERE = {"tp2", "pp2"}
+# TP2 and PP2 alone are composed by TP2 x PP2 (and TP2 + SP, PP2 x VPP2), TP2 x PP2 by TP2 x PP2 + full recompute:
+# on later Megatron-Core versions the composed layouts run, the parts only on the first (.ci/run)
+COMPOSED_ELSEWHERE = {"tp2", "pp2", "tp2_pp2"}
 
 
 @pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.composed_elsewhere)

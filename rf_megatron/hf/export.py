@@ -1,30 +1,36 @@
-"""Megatron dist checkpoint (any TP / PP / virtual-PP / DP layout) -> Hugging Face folder.
+"""Megatron dist checkpoint (any TP / PP / virtual-PP / DP layout) -> Hugging Face folder, streamed.
 
-One process on the CPU: a 1-rank gloo group, the TP1 x PP1 model built from the checkpoint's own
-run_config.yaml, and `dist_checkpointing.load` of its model tensors only (sharded keys are layout
-independent, so `{"model0": model.sharded_state_dict()}` of the TP1 x PP1 model requests every
-layer of every stage and chunk; optimizer and RNG entries in the checkpoint are simply not asked
-for). The folder is written into `.<name>.tmp-<pid>/` next to the output and renamed at the end.
+One CPU process, memory flat in depth: the torch_dist checkpoint is read one layer at a time
+(`dist_tensors.DistCheckpointTensors`: only that layer's chunks, whatever layout wrote them), mapped to HF
+names (`weights.layer_to_hf`) and appended to safetensors shards whose headers were planned from the checkpoint
+metadata alone (`safetensors_io.StreamingShardWriter`). The working set is one layer (or the embedding), not
+the model. Verification: small models load both models and compare logits; large ones read every written
+tensor back against the checkpoint (`--verify`). The folder is written into `.<name>.tmp-<pid>/` next to the
+output and renamed at the end.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
+import time
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 
 from ..checkpoint_dir import verify_checkpoint
-from .weights import (AUTO_MAP, RFGPT_FILES, ConversionError, check_exportable, hf_config_kwargs, lambda_table,
-                      megatron_to_hf, uses_remote_code)
+from .weights import (AUTO_MAP, RFGPT_FILES, ConversionError, check_exportable, global_names_to_hf, hf_config_kwargs,
+                      lambda_table, layer_to_hf, uses_remote_code)
 
 HERE = Path(__file__).resolve().parent
 RUN_CONFIG_COPY = "rf_megatron_run_config.yaml"
 TRAIN_STATE_COPY = "rf_megatron_train_state.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+VERIFY_MODES = ("auto", "logits", "weights", "none")
+LOGITS_CHECK_MAX_BYTES = 4 * 10**9  # --verify auto: the logits check holds both models (~3x the fp32 weights)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,12 +98,14 @@ def read_run_config(it: Path):
     return cfg
 
 
-def find_tokenizer(cfg, override: Optional[str]) -> Path:
+def find_tokenizer(cfg, override: Optional[str]) -> Optional[Path]:
+    """--tokenizer, else the run config's; None when neither names one (a weights-only export)."""
     path = override or cfg.data.tokenizer_model
     if not path:
-        raise ConversionError("missing tokenizer: the run config has no data.tokenizer_model (pass --tokenizer)")
+        return None
     if not Path(path).is_file():
-        raise ConversionError(f"missing tokenizer: {path} not found (pass --tokenizer PATH to the SentencePiece model)")
+        raise ConversionError(f"missing tokenizer: {path} not found (pass --tokenizer PATH to the SentencePiece "
+                              "model, or --no-tokenizer for the weights alone)")
     return Path(path)
 
 
@@ -158,7 +166,7 @@ def load_megatron_model(it: Path, cfg):
     return model
 
 
-def megatron_state(model) -> Dict[str, torch.Tensor]:
+def megatron_state(model) -> Dict[str, torch.Tensor]:  # the in-memory mapping, for tests
     return {k: v.detach() for k, v in model.state_dict().items()
             if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
 
@@ -203,14 +211,13 @@ def _fmt(x: float) -> str:
     return f"{x:.4f}"
 
 
-def model_card(cfg, train_state: dict, hf_state, lambdas, remote: bool, dtype: str, source: Path,
-               engine: Optional[str] = None) -> str:
+def model_card(cfg, train_state: dict, params: int, lambdas, remote: bool, dtype: str, source: Path,
+               engine: Optional[str] = None, tokenizer: bool = True) -> str:
     """README.md of an HF folder. `engine`: the DeepSpeed trainer's layout (None: a Megatron export)."""
     m, p, o, t = cfg.model, cfg.parallel, cfg.optim, cfg.train
     variant = {"vanilla": "vanilla (Llama-style baseline)",
                "resformer": f"ResFormer, lambda_mode={m.lambda_mode}",
                "svformer": "SVFormer (layers >= 2 share layer 1's values; no value projection)"}[m.variant]
-    params = sum(v.numel() for v in hf_state.values())
     lines = [
         f"# {cfg.name} ({m.variant})", "",
         "A value-residual GPT ([arXiv 2410.17897](https://arxiv.org/abs/2410.17897)) trained with rf-megatron "
@@ -242,7 +249,8 @@ def model_card(cfg, train_state: dict, hf_state, lambdas, remote: bool, dtype: s
          f"- layout: TP{p.tensor_parallel} x PP{p.pipeline_parallel}"
          + (f" x VPP{p.virtual_pipeline_parallel}" if p.virtual_pipeline_parallel else "")
          + f", {p.params_dtype}" + (", distributed optimizer" if p.distributed_optimizer else "")),
-        f"- data: {', '.join(str(x) for x in cfg.data.paths) or '-'}; tokenizer {Path(str(cfg.data.tokenizer_model)).name}",
+        f"- data: {', '.join(str(x) for x in cfg.data.paths) or '-'}; tokenizer "
+        + (Path(str(cfg.data.tokenizer_model)).name if tokenizer else "not included (weights-only export)"),
         f"- source checkpoint: `{source}`; the full run config is in `{RUN_CONFIG_COPY}`",
         "", "## Use", "", "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -256,12 +264,9 @@ def model_card(cfg, train_state: dict, hf_state, lambdas, remote: bool, dtype: s
     return "\n".join(lines)
 
 
-def write_model_files(folder: Path, hf_state, model, special: Dict[str, Optional[int]], dtype: str,
-                      shard_bytes: int):
-    """config.json (+ the RFGPT code files), generation_config.json and the sharded safetensors."""
+def write_config_files(folder: Path, model, special: Dict[str, Optional[int]], dtype: str) -> None:
+    """config.json (+ the RFGPT code files) and generation_config.json."""
     from transformers import GenerationConfig
-
-    from .safetensors_io import save_sharded
 
     build_hf_config(model, special, dtype).save_pretrained(str(folder))
     if uses_remote_code(model):
@@ -269,7 +274,87 @@ def write_model_files(folder: Path, hf_state, model, special: Dict[str, Optional
             shutil.copyfile(HERE / name, folder / name)
     GenerationConfig(bos_token_id=special.get("bos"), eos_token_id=special.get("eos"),
                      pad_token_id=special.get("pad"), do_sample=False).save_pretrained(str(folder))
+
+
+def write_model_files(folder: Path, hf_state, model, special: Dict[str, Optional[int]], dtype: str,
+                      shard_bytes: int):
+    """The config files and the sharded safetensors of an in-memory HF state dict."""
+    from .safetensors_io import save_sharded
+
+    write_config_files(folder, model, special, dtype)
     return save_sharded(hf_state, folder, shard_bytes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming the weights: checkpoint -> HF shards, one layer at a time
+# --------------------------------------------------------------------------------------------------
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _meta(shapes):
+    return {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, dtype) in shapes.items()}
+
+
+def plan_hf_tensors(tensors, model, dtype: torch.dtype):
+    """{HF name: (shape, dtype)} of the export and {HF name: Megatron name} of its model-level tensors, from the
+    checkpoint metadata alone (the layer mapping runs on meta tensors)."""
+    if tensors.num_layers() != model.num_layers:
+        raise ConversionError(f"{tensors.path}: the checkpoint holds {tensors.num_layers()} layers, its run config "
+                              f"says model.num_layers={model.num_layers}")
+    global_names = global_names_to_hf(tensors.global_shapes(), model)
+    shapes = {hf: (tensors.global_shapes()[name][0], dtype) for name, hf in global_names.items()}
+    for i in range(model.num_layers):
+        for name, t in layer_to_hf(i, _meta(tensors.layer_shapes(i)), model).items():
+            shapes[name] = (t.shape, dtype)
+    return shapes, {hf: name for name, hf in global_names.items()}
+
+
+def stream_weights(tensors, writer, model, from_global: Dict[str, str], keep=lambda name: False, log=print):
+    """Write every planned tensor in the writer's order, reading each layer once; returns the tensors `keep`
+    selects (the lambdas, for the model card). Logs progress about every 10 s."""
+    kept, layer, pending = {}, None, {}
+    begin = last = time.monotonic()
+    done_bytes = 0
+    for position, name in enumerate(writer.order):
+        match = _HF_LAYER.match(name)
+        if match and int(match.group(1)) != layer:
+            layer = int(match.group(1))
+            pending = layer_to_hf(layer, tensors.read_layer(layer), model)
+        tensor = pending.pop(name) if match else tensors.read(from_global[name])
+        tensor = tensor.to(writer.shapes[name][1])
+        writer.write(name, tensor)
+        done_bytes += tensor.numel() * tensor.element_size()
+        if keep(name):
+            kept[name] = tensor.clone()
+        del tensor
+        now = time.monotonic()
+        if now - last > 10 or position + 1 == len(writer.order):
+            last, rate = now, (position + 1) / max(now - begin, 1e-9)
+            log(f"  wrote {position + 1}/{len(writer.order)} tensors ({done_bytes / 1e9:.2f} GB) at "
+                f"{rate:.1f} tensors/s, {done_bytes / 1e6 / max(now - begin, 1e-9):.0f} MB/s")
+    return kept
+
+
+def verify_weights(folder: Path, tensors, model, from_global: Dict[str, str]) -> int:
+    """Read every written tensor back (one at a time) and compare it with the checkpoint's, mapped again; the
+    check of a model too large for two copies in memory. Returns the number of tensors checked."""
+    from safetensors import safe_open
+
+    from .safetensors_io import INDEX, _natural
+
+    weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+    layer, pending = None, {}
+    for name in sorted(weight_map, key=lambda n: (weight_map[n], _natural(n))):
+        match = _HF_LAYER.match(name)
+        if match and int(match.group(1)) != layer:
+            layer = int(match.group(1))
+            pending = layer_to_hf(layer, tensors.read_layer(layer), model)
+        with safe_open(str(folder / weight_map[name]), framework="pt") as shard:
+            got = shard.get_tensor(name)
+        want = (pending[name] if match else tensors.read(from_global[name])).to(got.dtype)
+        if not torch.equal(got, want):
+            raise ConversionError(f"verification failed: {name} in {weight_map[name]} differs from the checkpoint")
+    return len(weight_map)
 
 
 def _fresh_tmp(output: Path) -> Path:
@@ -317,10 +402,16 @@ def verify_folder(folder: Path, model, cfg, dtype: str, seed: int = 0, atol: flo
 
 
 def export(checkpoint, output, dtype: str = "fp32", max_shard_size="5GB", tokenizer: Optional[str] = None,
-           verify: bool = True, force: bool = False, log=print) -> Path:
-    from .safetensors_io import parse_size
+           verify="auto", force: bool = False, log=print, with_tokenizer: bool = True) -> Path:
+    """Write the HF folder of a checkpoint. verify: auto (logits up to LOGITS_CHECK_MAX_BYTES of fp32 weights,
+    else weights), logits, weights, none (True / False: auto / none)."""
+    from .dist_tensors import DistCheckpointTensors
+    from .safetensors_io import StreamingShardWriter, parse_size
     from .tokenizer import check_equivalent, save_hf_tokenizer
 
+    verify = {True: "auto", False: "none"}.get(verify, verify)
+    if verify not in VERIFY_MODES:
+        raise ConversionError(f"--verify {verify}: choose one of {', '.join(VERIFY_MODES)}")
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype}: choose fp32 or bf16")
     try:
@@ -332,7 +423,7 @@ def export(checkpoint, output, dtype: str = "fp32", max_shard_size="5GB", tokeni
         raise ConversionError(f"output {output} exists (pass --force to replace it)")
     it = resolve_checkpoint(checkpoint)
     cfg = read_run_config(it)
-    tok_path = find_tokenizer(cfg, tokenizer)
+    tok_path = find_tokenizer(cfg, tokenizer) if with_tokenizer else None
     train_state = json.loads((it / "train_state.json").read_text())
     check_shard_files(it)
     problem = verify_checkpoint(it)
@@ -341,24 +432,39 @@ def export(checkpoint, output, dtype: str = "fp32", max_shard_size="5GB", tokeni
 
     tmp = _fresh_tmp(output)
     try:
-        with megatron_single_process():
-            model = load_megatron_model(it, cfg)
-            hf_state = megatron_to_hf(megatron_state(model), cfg.model)
-            hf_state = {k: v.to(DTYPES[dtype]) for k, v in hf_state.items()}
+        tensors = DistCheckpointTensors(it)
+        shapes, from_global = plan_hf_tensors(tensors, cfg.model, DTYPES[dtype])
+        special = {}
+        if tok_path is not None:
             hf_tok, special = save_hf_tokenizer(tok_path, tmp, model_max_length=cfg.model.seq_length)
             check_equivalent(tok_path, hf_tok)
             if len(hf_tok) > cfg.model.vocab_size:
                 raise ConversionError(f"tokenizer {tok_path} has {len(hf_tok)} pieces, more than "
                                       f"model.vocab_size={cfg.model.vocab_size}")
-            files = write_model_files(tmp, hf_state, cfg.model, special, dtype, shard_bytes)
-            remote = uses_remote_code(cfg.model)
-            shutil.copyfile(it / "run_config.yaml", tmp / RUN_CONFIG_COPY)
-            shutil.copyfile(it / "train_state.json", tmp / TRAIN_STATE_COPY)
-            lambdas = lambda_table(hf_state, cfg.model)
-            (tmp / "README.md").write_text(model_card(cfg, train_state, hf_state, lambdas, remote, dtype, it))
-            if verify:
-                diff = verify_folder(tmp, model, cfg, dtype)
-                log(f"verified: max |HF - Megatron| logits = {diff:.2e}")
+        else:
+            log("no tokenizer: writing the weights alone (pass --tokenizer PATH to include one)")
+        write_config_files(tmp, cfg.model, special, dtype)
+        writer = StreamingShardWriter(tmp, shapes, shard_bytes)
+        log(f"streaming {len(shapes)} tensors ({sum(s.numel() for s, _ in shapes.values()):,} parameters, {dtype}) "
+            f"from {it} into {len(writer.files)} shard(s)")
+        lambda_tensors = stream_weights(tensors, writer, cfg.model, from_global,
+                                        keep=lambda name: "value_residual" in name, log=log)
+        files = writer.close()
+        remote = uses_remote_code(cfg.model)
+        shutil.copyfile(it / "run_config.yaml", tmp / RUN_CONFIG_COPY)
+        shutil.copyfile(it / "train_state.json", tmp / TRAIN_STATE_COPY)
+        params = sum(shape.numel() for shape, _ in shapes.values())
+        (tmp / "README.md").write_text(model_card(cfg, train_state, params, lambda_table(lambda_tensors, cfg.model),
+                                                  remote, dtype, it, tokenizer=tok_path is not None))
+        if verify == "auto":
+            verify = "logits" if params * 4 <= LOGITS_CHECK_MAX_BYTES else "weights"
+        if verify == "logits":
+            with megatron_single_process():
+                diff = verify_folder(tmp, load_megatron_model(it, cfg), cfg, dtype)
+            log(f"verified: max |HF - Megatron| logits = {diff:.2e}")
+        elif verify == "weights":
+            log(f"verified: {verify_weights(tmp, tensors, cfg.model, from_global)} tensors read back equal the "
+                "checkpoint's")
         publish(tmp, output, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

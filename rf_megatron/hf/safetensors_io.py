@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -29,21 +30,12 @@ def _natural(name: str):
 
 
 def save_sharded(tensors: Dict[str, torch.Tensor], out_dir, max_shard_bytes: int) -> List[str]:
-    """Write the tensors in natural name order, starting a new shard when the next tensor would
-    overflow `max_shard_bytes` (a tensor larger than that gets a shard of its own). Always writes the
-    index (also for a single shard). Returns the shard file names."""
+    """Write in-memory tensors as plan_shards splits them. Always writes the index (also for a single shard).
+    Returns the shard file names."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    shards: List[List[str]] = [[]]
-    size = 0
-    for name in sorted(tensors, key=_natural):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
+    shards = plan_shards({n: (t.shape, t.dtype) for n, t in tensors.items()}, max_shard_bytes)
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for file, names in zip(files, shards):
@@ -53,6 +45,80 @@ def save_sharded(tensors: Dict[str, torch.Tensor], out_dir, max_shard_bytes: int
     (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                             indent=2, sort_keys=True) + "\n")
     return files
+
+
+_DTYPE_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+
+
+def plan_shards(shapes: Dict[str, Tuple[torch.Size, torch.dtype]], max_shard_bytes: int) -> List[List[str]]:
+    """save_sharded's split of tensors into shards, from shapes alone: natural name order, a new shard when the
+    next tensor would overflow `max_shard_bytes` (a larger tensor gets a shard of its own)."""
+    shards: List[List[str]] = [[]]
+    size = 0
+    for name in sorted(shapes, key=_natural):
+        shape, dtype = shapes[name]
+        nbytes = shape.numel() * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+class StreamingShardWriter:
+    """Sharded safetensors written tensor by tensor, in the planned order, never holding a shard in memory.
+
+    A safetensors file is an 8-byte header length, a JSON header with every tensor's dtype, shape and byte range,
+    then the bytes: with the shapes known in advance (plan_shards) each header is written first and each tensor
+    appended as it arrives. `close()` writes the index."""
+
+    def __init__(self, out_dir, shapes: Dict[str, Tuple[torch.Size, torch.dtype]], max_shard_bytes: int):
+        self.out_dir, self.shapes = Path(out_dir), shapes
+        self.shards = plan_shards(shapes, max_shard_bytes)
+        self.files = [f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors" for i in range(len(self.shards))]
+        self.order = [name for shard in self.shards for name in shard]
+        self.written = 0
+        self.handle = None
+
+    def _open(self, shard: int) -> None:
+        header, offset = {}, 0
+        for name in self.shards[shard]:
+            shape, dtype = self.shapes[name]
+            nbytes = shape.numel() * dtype.itemsize
+            header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        header["__metadata__"] = {"format": "pt"}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        self.handle = open(self.out_dir / self.files[shard], "wb")
+        self.handle.write(struct.pack("<Q", len(blob)) + blob)
+        self.shard, self.left = shard, list(self.shards[shard])
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """The next tensor of the plan (its name, shape and dtype must match)."""
+        expected = self.order[self.written]
+        if name != expected or tuple(tensor.shape) != tuple(self.shapes[name][0]) or tensor.dtype != self.shapes[name][1]:
+            raise ValueError(f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} out of plan: expected {expected} "
+                             f"{tuple(self.shapes[expected][0])} {self.shapes[expected][1]}")
+        if self.handle is None:
+            self._open(0 if self.written == 0 else self.shard + 1)
+        self.handle.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
+        self.written += 1
+        self.left.pop(0)
+        if not self.left:
+            self.handle.close()
+            self.handle = None
+
+    def close(self) -> List[str]:
+        if self.written != len(self.order):
+            raise ValueError(f"{len(self.order) - self.written} planned tensors never written, "
+                             f"from {self.order[self.written]}")
+        weight_map = {name: file for file, shard in zip(self.files, self.shards) for name in shard}
+        total = sum(shape.numel() * dtype.itemsize for shape, dtype in self.shapes.values())
+        (self.out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                     indent=2, sort_keys=True) + "\n")
+        return self.files
 
 
 def load_hf_weights(folder) -> Dict[str, torch.Tensor]:

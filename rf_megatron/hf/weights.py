@@ -148,51 +148,90 @@ def _has_v(model: ModelConfig, layer: int) -> bool:
     return model.variant != "svformer" or layer == 0
 
 
-def megatron_to_hf(state: Dict[str, torch.Tensor], model: ModelConfig) -> Dict[str, torch.Tensor]:
-    """Global Megatron state dict -> HF state dict. Every Megatron tensor must be used exactly once."""
-    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
-    for i in range(model.num_layers):  # TE spelling of the fused norms -> local spelling
-        for local, te in _NORM_ALIASES.items():
-            if f"decoder.layers.{i}.{te}" in state:
-                state[f"decoder.layers.{i}.{local}"] = state.pop(f"decoder.layers.{i}.{te}")
+# Model-level tensors: Megatron name -> HF name (output_layer only when untied; the value_residual_plus pair
+# only in learnable_plus models).
+GLOBALS_TO_HF = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+    "value_residual_plus.value_residual_logits": "model.value_residual_logits",
+    "value_residual_plus.value_residual_scale": "model.value_residual_scale",
+}
+
+
+def global_names_to_hf(names, model: ModelConfig) -> Dict[str, str]:
+    """{Megatron name: HF name} of the model-level tensors present; refuses missing required and unknown ones."""
+    names = set(names)
+    required = {"embedding.word_embeddings.weight", "decoder.final_layernorm.weight"}
+    if model.untie_embeddings_and_output_weights:
+        required.add("output_layer.weight")
+    else:
+        names.discard("output_layer.weight")  # a tied model's copy of the embedding
+    for name in sorted(required - names):
+        raise ConversionError(f"checkpoint has no {name}")
+    unknown = sorted(names - set(GLOBALS_TO_HF))
+    if unknown:
+        raise ConversionError(f"checkpoint tensors with no HF counterpart: {', '.join(unknown[:5])}"
+                              + (" ..." if len(unknown) > 5 else ""))
+    return {name: GLOBALS_TO_HF[name] for name in sorted(names)}
+
+
+def layer_to_hf(i: int, layer: Dict[str, torch.Tensor], model: ModelConfig) -> Dict[str, torch.Tensor]:
+    """Layer i's Megatron tensors (names inside `decoder.layers.{i}.`) -> its HF tensors; each used exactly once.
+    Works on meta tensors too (a converter plans its output shapes from the checkpoint metadata)."""
+    layer = dict(layer)
+    for local, te in _NORM_ALIASES.items():  # TE spelling of the fused norms -> local spelling
+        if te in layer:
+            layer[local] = layer.pop(te)
+    m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
     used = set()
 
     def take(name):
-        if name not in state:
-            raise ConversionError(f"checkpoint has no {name}")
+        if name not in layer:
+            raise ConversionError(f"checkpoint has no {m}{name}")
         used.add(name)
-        return state[name]
+        return layer[name]
 
-    hf = {"model.embed_tokens.weight": take("embedding.word_embeddings.weight")}
-    for i in range(model.num_layers):
-        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        hf[h + "input_layernorm.weight"] = take(m + "input_layernorm.weight")
-        q, k, v = _split_qkv(take(m + "self_attention.linear_qkv.weight"), model, _has_v(model, i))
-        hf[h + "self_attn.q_proj.weight"], hf[h + "self_attn.k_proj.weight"] = q, k
-        if v is not None:
-            hf[h + "self_attn.v_proj.weight"] = v
-        if model.qk_layernorm:
-            hf[h + "self_attn.q_norm.weight"] = take(m + "self_attention.q_layernorm.weight")
-            hf[h + "self_attn.k_norm.weight"] = take(m + "self_attention.k_layernorm.weight")
-        hf[h + "self_attn.o_proj.weight"] = take(m + "self_attention.linear_proj.weight")
-        for name in ("value_residual_lambdas", "value_residual_lambda2"):
-            if f"{m}self_attention.value_lambdas.{name}" in state:
-                hf[h + f"self_attn.{name}"] = take(f"{m}self_attention.value_lambdas.{name}")
-        hf[h + "post_attention_layernorm.weight"] = take(m + "pre_mlp_layernorm.weight")
-        gate, up = take(m + "mlp.linear_fc1.weight").chunk(2, dim=0)
-        hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"] = gate, up
-        hf[h + "mlp.down_proj.weight"] = take(m + "mlp.linear_fc2.weight")
-    hf["model.norm.weight"] = take("decoder.final_layernorm.weight")
-    if model.untie_embeddings_and_output_weights:
-        hf["lm_head.weight"] = take("output_layer.weight")
-    for name in ("value_residual_logits", "value_residual_scale"):
-        if f"value_residual_plus.{name}" in state:
-            hf[f"model.{name}"] = take(f"value_residual_plus.{name}")
-    left = sorted(set(state) - used - ({"output_layer.weight"} if not model.untie_embeddings_and_output_weights else set()))
+    hf = {h + "input_layernorm.weight": take("input_layernorm.weight")}
+    q, k, v = _split_qkv(take("self_attention.linear_qkv.weight"), model, _has_v(model, i))
+    hf[h + "self_attn.q_proj.weight"], hf[h + "self_attn.k_proj.weight"] = q, k
+    if v is not None:
+        hf[h + "self_attn.v_proj.weight"] = v
+    if model.qk_layernorm:
+        hf[h + "self_attn.q_norm.weight"] = take("self_attention.q_layernorm.weight")
+        hf[h + "self_attn.k_norm.weight"] = take("self_attention.k_layernorm.weight")
+    hf[h + "self_attn.o_proj.weight"] = take("self_attention.linear_proj.weight")
+    for name in ("value_residual_lambdas", "value_residual_lambda2"):
+        if f"self_attention.value_lambdas.{name}" in layer:
+            hf[h + f"self_attn.{name}"] = take(f"self_attention.value_lambdas.{name}")
+    hf[h + "post_attention_layernorm.weight"] = take("pre_mlp_layernorm.weight")
+    gate, up = take("mlp.linear_fc1.weight").chunk(2, dim=0)
+    hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"] = gate, up
+    hf[h + "mlp.down_proj.weight"] = take("mlp.linear_fc2.weight")
+    left = sorted(set(layer) - used)
     if left:
-        raise ConversionError(f"checkpoint tensors with no HF counterpart: {', '.join(left[:5])}"
+        raise ConversionError(f"checkpoint tensors with no HF counterpart: {', '.join(m + n for n in left[:5])}"
                               + (" ..." if len(left) > 5 else ""))
     return {k: v.detach().contiguous() for k, v in hf.items()}
+
+
+def megatron_to_hf(state: Dict[str, torch.Tensor], model: ModelConfig) -> Dict[str, torch.Tensor]:
+    """Global Megatron state dict -> HF state dict. Every Megatron tensor must be used exactly once."""
+    layers, model_level = [{} for _ in range(model.num_layers)], {}
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor) or name.endswith("_extra_state"):
+            continue
+        match = _LAYER.match(name)
+        if match and int(match.group(1)) < model.num_layers:
+            layers[int(match.group(1))][match.group(2)] = tensor
+        else:
+            model_level[name] = tensor
+    hf = {}
+    for name, hf_name in global_names_to_hf(model_level, model).items():
+        hf[hf_name] = model_level[name].detach().contiguous()
+    for i, layer in enumerate(layers):
+        hf.update(layer_to_hf(i, layer, model))
+    return hf
 
 
 def hf_to_megatron(hf: Dict[str, torch.Tensor], model: ModelConfig) -> Dict[str, torch.Tensor]:

@@ -115,7 +115,7 @@ def save_folder(state: Dict[str, torch.Tensor], cfg, output, train_state: dict, 
         write_model_files(tmp, state, cfg.model, special, dtype, max_shard_bytes)
         save_yaml(cfg, tmp / RUN_CONFIG_COPY)
         (tmp / TRAIN_STATE_COPY).write_text(json.dumps(train_state))
-        card = model_card(cfg, train_state, state, lambda_table(state, cfg.model), uses_remote_code(cfg.model),
+        card = model_card(cfg, train_state, sum(v.numel() for v in state.values()), lambda_table(state, cfg.model), uses_remote_code(cfg.model),
                           dtype, source, engine=f"DeepSpeed ZeRO-{train_state['zero_stage']}, "
                                                 f"{train_state['world_size']} process(es)")
         (tmp / "README.md").write_text(card)
