@@ -27,10 +27,12 @@ MEASURE = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).
 def peak_rss(cmd) -> tuple:
     """(peak RSS in GB, wall s) of `cmd` in a fresh process; raises if it fails."""
     begin = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", MEASURE, *map(str, cmd)], capture_output=True, text=True, cwd=REPO)
-    kib, rc = proc.stdout.strip().splitlines()[-1].split()
-    if rc != "0":
-        raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-2000:]}")
+    proc = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, *map(str, cmd)], capture_output=True,
+                          text=True, cwd=REPO)
+    last = (proc.stdout.strip().splitlines() or ["0 1"])[-1].split()
+    if proc.returncode or last[-1] != "0":
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    kib = last[0]
     return int(kib) / 2**20, time.monotonic() - begin
 
 

@@ -71,7 +71,8 @@ def _set_rng_state(state) -> None:
 
 def _sharded_state(model: List, optimizer, is_loading: bool, with_rng: bool) -> Dict[str, Any]:
     state = {f"model{i}": m.module.sharded_state_dict() for i, m in enumerate(model)}
-    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=OPTIM_METADATA)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=OPTIM_METADATA)
     if with_rng:
         state["rng_state"] = _rng_object(_rng_state())
     return state
@@ -99,6 +100,8 @@ def _start_writer_queue_ignoring_stop_signals() -> None:
 
 def save_checkpoint(root, step: int, model: List, optimizer, scheduler, train_state: Dict[str, Any],
                     run_config_yaml: str, keep_last: int = 2) -> Path:
+    """optimizer=None: a weights-only checkpoint (HF import): no optimizer, scheduler or RNG state; the trainer
+    resumes it with a fresh optimizer and schedule, as Megatron-LM's --finetune does."""
     root = Path(root)
     name = f"iter_{step:07d}"
     final, tmp = root / name, root / f"{name}.tmp"
@@ -109,8 +112,12 @@ def save_checkpoint(root, step: int, model: List, optimizer, scheduler, train_st
         tmp.mkdir()
     dist.barrier()
     _start_writer_queue_ignoring_stop_signals()
-    state = _sharded_state(model, optimizer, is_loading=False, with_rng=True)
-    state["scheduler"] = scheduler.state_dict()
+    weights_only = optimizer is None
+    state = _sharded_state(model, optimizer, is_loading=False, with_rng=not weights_only)
+    if not weights_only:
+        state["scheduler"] = scheduler.state_dict()
+    else:
+        train_state = {**train_state, "weights_only": True}
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()
     if _rank0():
@@ -128,13 +135,18 @@ def save_checkpoint(root, step: int, model: List, optimizer, scheduler, train_st
 
 
 def load_checkpoint(path, model: List, optimizer, scheduler) -> Dict[str, Any]:
-    """Load into the current layout; returns the saved train state (step, consumed samples, ...)."""
+    """Load into the current layout; returns the saved train state (step, consumed samples, ...). A weights-only
+    checkpoint loads the model alone: the optimizer and scheduler stay as built (fresh), the optimizer's main
+    (fp32) copies re-read from the loaded weights."""
     path = Path(path)
     train_state = json.loads((path / "train_state.json").read_text())
-    same_layout = train_state.get("layout") == _layout()
-    init_optimizer_state(optimizer)
-    state = _sharded_state(model, optimizer, is_loading=True, with_rng=same_layout)
-    state["scheduler"] = None
+    weights_only = bool(train_state.get("weights_only"))
+    same_layout = train_state.get("layout") == _layout() and not weights_only
+    if not weights_only:
+        init_optimizer_state(optimizer)
+    state = _sharded_state(model, None if weights_only else optimizer, is_loading=True, with_rng=same_layout)
+    if not weights_only:
+        state["scheduler"] = None
     from .safe_metadata import check, install
 
     install()  # opening a checkpoint never runs code
@@ -142,6 +154,9 @@ def load_checkpoint(path, model: List, optimizer, scheduler) -> Dict[str, Any]:
     loaded = dist_checkpointing.load(state, str(path))
     for i, m in enumerate(model):
         m.module.load_state_dict(loaded[f"model{i}"])
+    if weights_only:
+        optimizer.reload_model_params()  # bf16 / distributed optimizer: its fp32 main params were the init's
+        return train_state
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:

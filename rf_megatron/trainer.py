@@ -110,7 +110,9 @@ class Trainer(TrainingLoop):
             self.scheduler.step(increment=0)
             self.step, consumed = state["step"], state["consumed_samples"]
             self._saved_step = self.step
-            self._print(f"resumed from {path} at step {self.step} ({consumed} samples consumed)")
+            self._print(f"resumed from {path} at step {self.step} ({consumed} samples consumed)"
+                        + ("; weights only (an HF import): a fresh optimizer and LR schedule"
+                           if state.get("weights_only") else ""))
             self.note_schedule_changes(path)
             consumed = self.skip_rewound_data(consumed)
         self.stream = MicrobatchStream(self.train_ds, t.global_batch_size, t.micro_batch_size, consumed)

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--ref-d", type=float, help="reference D of family b")
     p.add_argument("--budget", type=float, help="compute budget for the frontier comparison")
     p.add_argument("--out", help="JSON report")
-    p.add_argument("--plots", help="directory for loss_vs_n.png, isoflop.png, frontier.png of the two families")
+    p.add_argument("--plots", help="directory for isoflop.png, frontier.png, residuals.png and savings_vs_scale.png")
     p.add_argument("--method", choices=("joint", "independent"), default="joint",
                    help="joint: shared E, B, alpha, beta and A per family (default); independent: a law per family")
     p.add_argument("--tables", help="directory for savings.csv and savings.tex (the estimates with their CIs)")

@@ -5,8 +5,9 @@
 
 Approach 3 (Hoffmann et al.): L(N, D) = E + A/N^alpha + B/D^beta, Huber (delta 1e-3) on log
 residuals, L-BFGS-B from a grid of starts, bootstrap CIs over runs. Approach 2: a parabola in
-log N per IsoFLOP budget, N_opt ~ C^a and D_opt ~ C^b with bootstrap CIs. Plots: loss_vs_n.png,
-isoflop.png, frontier.png.
+log N per IsoFLOP budget, N_opt ~ C^a and D_opt ~ C^b with bootstrap CIs. Plots: isoflop.png (runs, law and
+parabolas per budget), frontier.png, residuals.png. The JSON also gives each family's noise level
+(noise_log_sd), which tools/scaling_power.py turns into the number of runs a saving needs.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rf_megatron.scaling.cli_common import add_fit_options, finish, fit_kwargs, fmt_ci, write_outputs  # noqa: E402
 from rf_megatron.scaling.collect import read_table  # noqa: E402
-from rf_megatron.scaling.diagnostics import law_warnings, outlier_warnings  # noqa: E402
+from rf_megatron.scaling.diagnostics import law_warnings, noise_sd, outlier_warnings  # noqa: E402
 from rf_megatron.scaling.family_fits import clean_table, fit_families  # noqa: E402
 
 
@@ -36,13 +37,17 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = {name: f.summary(a.level) for name, f in fits.items()}
+    report = {name: {**f.summary(a.level), "noise_log_sd": noise_sd(df, f, a.loss_col),
+                     "budgets": sorted(float(b) for b in df.loc[df["family"] == name, "budget"].unique())}
+              for name, f in fits.items()}
     for name, f in fits.items():
         ci = f.boot.ci(a.level)
         print(f"{name} ({f.law.n_points} runs, N = {f.n_col}, {int(100 * a.level)}% bootstrap CI over "
               f"{len(f.boot_laws)} replicates)")
         for k in ("E", "A", "B", "alpha", "beta"):
             print(f"  {k:>5} = {fmt_ci(getattr(f.law, k), ci[k])}")
+        print(f"  noise: {100 * report[name]['noise_log_sd']:.2f}% (robust sd of log residuals; "
+              "tools/scaling_power.py: how many runs resolve a saving at this noise)")
         d = f.law.derived()
         print(f"  N_opt ~ C^{fmt_ci(d['a'], ci['a'])}, D_opt ~ C^{fmt_ci(d['b'], ci['b'])} (approach 3, C = 6ND)")
         a2 = f.approach2

@@ -53,6 +53,17 @@ def robust_z(residuals) -> np.ndarray:
     return (r - np.median(r)) / scale
 
 
+def noise_sd(df, fit, loss_col: str) -> float:
+    """The robust standard deviation (1.4826 MAD) of a family's log residuals: its runs' noise level, what
+    tools/scaling_power.py simulates with."""
+    from .family_fits import usable
+
+    rows = usable(df[df["family"] == fit.family], loss_col)
+    r = np.log(rows[loss_col].to_numpy(float)) - np.log(fit.law.predict(rows[fit.n_col].to_numpy(float),
+                                                                         rows["D"].to_numpy(float)))
+    return float(1.4826 * np.median(np.abs(r - np.median(r))))
+
+
 def outlier_warnings(df, fits, n_col: str, loss_col: str, z_max: float = OUTLIER_Z) -> List[str]:
     """Runs whose log loss is more than z_max robust standard deviations from their family's law."""
     from .family_fits import usable

@@ -1,4 +1,4 @@
-"""Scaling figures (PNG, matplotlib Agg): loss vs N, IsoFLOP curves with their minima, the compute-optimal
+"""Scaling figures (PNG, matplotlib Agg): the IsoFLOP curves with the law and their minima, the compute-optimal
 frontier and the residuals of each family; for a comparison, the savings along the frontier with their band."""
 from __future__ import annotations
 
@@ -34,31 +34,6 @@ def _budget_legend(ax, colors) -> None:
 
     handles = [Patch(color=c, label=f"C={b:.2g}") for b, c in colors.items()]
     ax.add_artist(ax.legend(handles=handles, fontsize=7, loc="upper right", title="budget", title_fontsize=7))
-
-
-def loss_vs_n(df, fits: Dict[str, FamilyFit], out, loss_col="valid_loss") -> Path:
-    """Final loss vs N: points per run (colour = budget, marker = family), lines = the approach-3
-    law along each IsoFLOP curve, L(N, C / F(N))."""
-    plt = _plt()
-    rows = usable(df, loss_col)
-    colors = _budget_colors(rows["budget"].unique())
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for k, (name, fit) in enumerate(fits.items()):
-        fam = rows[rows["family"] == name]
-        style = ["-", "--", ":", "-."][k % 4]
-        for budget, g in fam.groupby("budget"):
-            ax.scatter(g[fit.n_col], g[loss_col], color=colors[budget], marker=MARKERS[k % len(MARKERS)],
-                       label=f"{name}" if budget == fam["budget"].min() else None, zorder=3)
-            n = np.geomspace(g[fit.n_col].min() / 1.5, g[fit.n_col].max() * 1.5, 60)
-            ax.plot(n, fit.law.predict(n, budget / np.array([fit.flops_of_n(x) for x in n])), style,
-                    color=colors[budget], lw=1)
-    ax.set_xscale("log")
-    ax.set_xlabel(f"parameters ({next(iter(fits.values())).n_col})" if fits else "parameters")
-    ax.set_ylabel(loss_col)
-    ax.set_title("loss vs N (colour: budget C; lines: fitted L(N, C/F(N)))")
-    _budget_legend(ax, colors)
-    ax.legend(loc="lower left")
-    return _save(fig, out)
 
 
 def residuals(df, fits: Dict[str, FamilyFit], out, loss_col="valid_loss") -> Path:
@@ -101,7 +76,9 @@ def savings_vs_scale(curves: Dict[str, Dict[str, list]], a: str, b: str, out, le
 
 
 def isoflop_curves(df, fits: Dict[str, FamilyFit], out, loss_col="valid_loss") -> Path:
-    """Per family: loss vs N per budget, the approach-2 parabola and its minimum."""
+    """Per family, loss vs N on each IsoFLOP budget (colour): the runs, the approach-3 law along the budget
+    L(N, C / F(N)) (solid), the approach-2 parabola in log N (dashed) and its minimum (star; hollow when it lies
+    outside the sampled sizes). One figure for what used to be loss_vs_n.png and isoflop.png."""
     plt = _plt()
     rows = usable(df, loss_col)
     colors = _budget_colors(rows["budget"].unique())
@@ -111,19 +88,23 @@ def isoflop_curves(df, fits: Dict[str, FamilyFit], out, loss_col="valid_loss") -
         fam = rows[rows["family"] == name]
         for budget, g in fam.groupby("budget"):
             x = np.log(g[fit.n_col].to_numpy(float))
-            ax.scatter(np.exp(x), g[loss_col], color=colors[budget], label=f"C={budget:.2g}", zorder=3)
+            ax.scatter(np.exp(x), g[loss_col], color=colors[budget], zorder=3)
+            n = np.geomspace(np.exp(x.min()) / 1.5, np.exp(x.max()) * 1.5, 60)
+            ax.plot(n, fit.law.predict(n, budget / np.array([fit.flops_of_n(v) for v in n])), "-",
+                    color=colors[budget], lw=1)
             if len(np.unique(x)) >= 3:
                 coeffs = np.polyfit(x, g[loss_col].to_numpy(float), 2)
                 xs = np.linspace(x.min() - 0.2, x.max() + 0.2, 60)
-                ax.plot(np.exp(xs), np.polyval(coeffs, xs), color=colors[budget], lw=1)
-        for m in fit.approach2.get("minima", []):  # hollow: outside the sampled sizes (extrapolated)
+                ax.plot(np.exp(xs), np.polyval(coeffs, xs), "--", color=colors[budget], lw=0.8)
+        for m in fit.approach2.get("minima", []):
             c = colors.get(m["budget"], "k")
             ax.scatter([m["N_opt"]], [m["L_opt"]], marker="*", s=160, zorder=4, edgecolor=c if not m["interior"] else "k",
                        color=c if m["interior"] else "none")
         ax.set_xscale("log")
-        ax.set_title(f"{name}: IsoFLOP curves (star: parabola minimum,\nhollow = extrapolated)", fontsize=10)
+        ax.set_title(f"{name}: IsoFLOP curves (solid: approach-3 law,\ndashed: parabola, star: its minimum)",
+                     fontsize=10)
         ax.set_xlabel(f"parameters ({fit.n_col})")
-        ax.legend(fontsize=8)
+        _budget_legend(ax, colors)
     axes[0][0].set_ylabel(loss_col)
     return _save(fig, out)
 
@@ -160,8 +141,7 @@ def frontier(df, fits: Dict[str, FamilyFit], out, loss_col="valid_loss") -> Path
 
 def all_plots(df, fits: Dict[str, FamilyFit], out_dir, loss_col="valid_loss") -> List[Path]:
     out_dir = Path(out_dir)
-    return [loss_vs_n(df, fits, out_dir / "loss_vs_n.png", loss_col),
-            isoflop_curves(df, fits, out_dir / "isoflop.png", loss_col),
+    return [isoflop_curves(df, fits, out_dir / "isoflop.png", loss_col),
             frontier(df, fits, out_dir / "frontier.png", loss_col),
             residuals(df, fits, out_dir / "residuals.png", loss_col)]
 
