@@ -1,0 +1,282 @@
+#!/usr/bin/env python
+"""Does value residual beat vanilla at equal budget? Every variant, k seeds, through the real trainer.
+
+    python bench/quality.py                         # tiny model, Shakespeare seen once, 3 seeds (2 CPU cores)
+    python bench/quality.py --budget flops          # equal training FLOPs instead of equal tokens
+    python bench/quality.py --size small --jobs 8 --data PREFIX --tokenizer MODEL   # a GPU node
+
+Each (variant, seed) is one single-process run of pretrain/pretrain_resformer.py with identical settings but for
+the variant; the seed sets both the init and the data order; the validation set (held-out documents: data.split's
+5%) is the same for every run and scored whole (train.eval_full). Steps default to one pass over the training
+tokens (not several epochs). The table gives the mean final validation loss (nats/token and bits/byte), the
+difference to vanilla with a 95% t interval paired by seed, tokens/s and parameters; then the learnable lambdas
+and the attention concentration (tools/analyze_attention.py's metrics) of each variant's seed-0 model. Writes
+OUT/report.md, OUT/results.json, OUT/valid_curves.png, OUT/lambdas.png and OUT/attention/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+VARIANTS = {
+    "vanilla": {"model.variant": "vanilla"},
+    "identity": {"model.variant": "resformer", "model.lambda_mode": "identity"},
+    "constant": {"model.variant": "resformer", "model.lambda_mode": "constant"},
+    "learnable": {"model.variant": "resformer", "model.lambda_mode": "learnable"},
+    "learnable_plus": {"model.variant": "resformer", "model.lambda_mode": "learnable_plus"},
+    "sparse": {"model.variant": "resformer", "model.lambda_mode": "sparse"},
+    "svformer": {"model.variant": "svformer"},
+}
+SIZES = {  # model and batch; the learning rate is the same for every variant
+    "tiny": {"model.num_layers": 6, "model.hidden_size": 128, "model.num_attention_heads": 4,
+             "model.ffn_hidden_size": 352, "model.seq_length": 128, "train.global_batch_size": 16,
+             "train.micro_batch_size": 16, "optim.lr": 3e-3, "optim.min_lr": 3e-4},
+    "small": {"model.num_layers": 12, "model.hidden_size": 512, "model.num_attention_heads": 8,
+              "model.ffn_hidden_size": 1408, "model.seq_length": 512, "train.global_batch_size": 64,
+              "train.micro_batch_size": 8, "optim.lr": 1e-3, "optim.min_lr": 1e-4},
+}
+DEFAULT_DATA = REPO / "data" / "shakespeare_text_document"
+DEFAULT_TOKENIZER = REPO / "data" / "shakespeare_tok.model"
+
+
+def prepare_default_corpus() -> None:
+    """Shakespeare as the default job makes it (scripts/default_job.sh), if not there yet."""
+    py, tools = sys.executable, REPO / "tools"
+    steps = [[py, tools / "fetch_shakespeare.py", "--output", REPO / "data"]]
+    if not DEFAULT_TOKENIZER.exists():
+        steps.append([py, tools / "train_tokenizer.py", "--input", REPO / "data" / "shakespeare.jsonl",
+                      "--vocab-size", "4096", "--output-prefix", REPO / "data" / "shakespeare_tok"])
+    if not Path(f"{DEFAULT_DATA}.idx").exists():
+        steps.append([py, tools / "preprocess_data.py", "--input", REPO / "data" / "shakespeare.jsonl",
+                      "--tokenizer-model", DEFAULT_TOKENIZER, "--output-prefix", DEFAULT_DATA, "--workers", "2"])
+    for cmd in steps:
+        subprocess.run([str(c) for c in cmd], check=True, cwd=REPO)
+
+
+def corpus_tokens(prefix) -> int:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(prefix))  # keep it alive: its arrays view a memory map it closes when collected
+    return int(dataset.sequence_lengths.sum())
+
+
+def bytes_per_token(jsonl: Path, tokenizer: Path, tokens: int) -> float:
+    """UTF-8 bytes per token of the corpus: bits/byte = nats/token / ln 2 / bytes_per_token."""
+    total = sum(len(json.loads(line)["text"].encode()) for line in jsonl.open())
+    return total / tokens
+
+
+def model_config(overrides):
+    from rf_megatron.config import ModelConfig
+
+    fields = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("model.")}
+    return ModelConfig(**fields)
+
+
+def run_one(name, seed, overrides, out: Path, log) -> Path:
+    """One training run (skipped when its metrics say it finished); returns its directory."""
+    run = out / "runs" / f"{name}_seed{seed}"
+    done = run / "DONE"
+    if done.exists():
+        return run
+    args = [f"{k}={v}" for k, v in {**overrides, "train.seed": seed, "logging.dir": run,
+                                     "checkpoint.dir": run / "ckpt"}.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+           str(REPO / "pretrain" / "pretrain_resformer.py"), "--config", "tiny_cpu", *args]
+    begin = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode:
+        raise SystemExit(f"{name} seed {seed} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    done.write_text(f"{time.monotonic() - begin:.1f}\n")
+    log(f"  {name} seed {seed}: {time.monotonic() - begin:.0f} s")
+    return run
+
+
+def read_run(run: Path) -> dict:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    valid = [(r["step"], r["valid_loss"]) for r in rows if "valid_loss" in r]
+    speed = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]  # the first window includes warm-up
+    lambdas = {}
+    for r in rows:
+        for key, value in r.items():
+            if key.startswith(("lambda1/", "lambda2/")):
+                lambdas.setdefault(key, []).append((r["step"], value))
+    return {"valid": valid, "final": valid[-1][1], "tokens_per_s": sum(speed) / max(len(speed), 1),
+            "lambdas": lambdas}
+
+
+def paired_ci(diffs, level=0.95):
+    """Mean and t interval of per-seed differences."""
+    from scipy import stats
+
+    k = len(diffs)
+    mean = sum(diffs) / k
+    if k < 2:
+        return mean, (float("nan"), float("nan"))
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (k - 1))
+    half = stats.t.ppf(0.5 + level / 2, k - 1) * sd / math.sqrt(k)
+    return mean, (mean - half, mean + half)
+
+
+def plots(results, variants, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in variants:
+        curves = [r["valid"] for r in results[name]]
+        steps = [s for s, _ in curves[0]]
+        values = np.array([[v for _, v in c][:len(steps)] for c in curves])
+        line, = ax.plot(steps, values.mean(0), label=name)
+        ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.15, lw=0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("validation loss: mean over seeds, band = min..max")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "valid_curves.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in variants:
+        for key, points in sorted(results[name][0]["lambdas"].items()):
+            ax.plot([s for s, _ in points], [v for _, v in points], label=f"{name} {key}", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("lambda")
+    ax.set_title("learnable lambdas per layer (seed 0)")
+    if ax.lines:
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "lambdas.png", dpi=120)
+
+
+def attention(results_dirs, variants, text_file: Path, out: Path) -> dict:
+    """tools/analyze_attention.py's metrics of each variant's seed-0 final checkpoint, averaged over layers."""
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "analyze_attention.py"), "--text", str(text_file),
+                           "--out", str(out / "attention"), "--max-windows", "8",
+                           *[f"--checkpoint={name}={results_dirs[name][0] / 'ckpt'}" for name in variants]],
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode:
+        print(f"attention analysis failed (left out):\n{proc.stderr[-1500:]}")
+        return {}
+    import pandas as pd
+
+    df = pd.read_csv(out / "attention" / "attention_stats.csv")
+    return {name: {"attn_entropy_norm": float(g["attn_entropy_norm"].mean()),
+                   "first_token_mass": float(g["first_token_mass"].mean())} for name, g in df.groupby("model")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--budget", choices=("tokens", "flops"), default="tokens",
+                   help="equal training tokens, or equal training FLOPs (steps scaled by vanilla's FLOPs/token)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training tokens (vanilla's budget)")
+    p.add_argument("--steps", type=int, help="vanilla's steps (default: from --epochs)")
+    p.add_argument("--evals", type=int, default=8, help="validation points per run (the last at the end)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one process each)")
+    p.add_argument("--data", help="indexed dataset prefix (default: Shakespeare, prepared if missing)")
+    p.add_argument("--tokenizer", help="SentencePiece model of --data")
+    p.add_argument("--text-jsonl", help="the corpus as JSONL, for bits/byte (default: Shakespeare's)")
+    p.add_argument("--set", nargs="*", default=[], help="more run config overrides, key=value, for every run")
+    p.add_argument("--out", default=str(REPO / "runs" / "quality"))
+    p.add_argument("--no-attention", dest="attention", action="store_false")
+    a = p.parse_args(argv)
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if a.data is None:
+        prepare_default_corpus()
+    data, tokenizer = Path(a.data or DEFAULT_DATA).resolve(), Path(a.tokenizer or DEFAULT_TOKENIZER).resolve()
+    jsonl = Path(a.text_jsonl) if a.text_jsonl else (REPO / "data" / "shakespeare.jsonl" if a.data is None else None)
+
+    import yaml
+
+    from rf_megatron.flops import parameter_counts, training_flops_per_token
+    from rf_megatron.quiet import silence_known_warnings
+
+    silence_known_warnings()
+
+    size = SIZES[a.size]
+    tokens = corpus_tokens(data)
+    per_step = size["train.global_batch_size"] * size["model.seq_length"]
+    steps = a.steps or max(10, round(a.epochs * 0.95 * tokens / per_step))
+    base = {**size, "model.vocab_size": 4096, "data.paths": f"[{data}]", "data.tokenizer_model": tokenizer,
+            "data.split": "95,5,0", "data.cache_dir": out / "cache", "parallel.tensor_parallel": 1,
+            "train.eval_full": True, "train.lambda_log_interval": max(1, steps // 20), "train.log_interval": 10,
+            "optim.lr_warmup_steps": max(1, steps // 20), "logging.wandb_project": "null",
+            "checkpoint.save_interval": 0, "checkpoint.keep_last": 1,
+            **{k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in a.set)}}
+    flops = {name: training_flops_per_token(model_config({**base, **VARIANTS[name]})) for name in a.variants}
+    plan = {}
+    for name in a.variants:
+        n = steps if a.budget == "tokens" else max(10, round(steps * flops.get("vanilla", flops[name]) / flops[name]))
+        plan[name] = {**base, **VARIANTS[name], "train.train_steps": n, "train.eval_interval": max(1, n // a.evals)}
+    print(f"{a.size}: {tokens:,} corpus tokens, {per_step} tokens/step, {steps} steps (vanilla; "
+          f"{steps * per_step / (0.95 * tokens):.2f} epochs), {len(a.variants)} variants x {a.seeds} seeds, "
+          f"equal {a.budget}, {a.jobs} at a time -> {out}", flush=True)
+
+    jobs = [(name, seed) for seed in range(a.seeds) for name in a.variants]
+    with ThreadPoolExecutor(a.jobs) as pool:
+        dirs = list(pool.map(lambda job: run_one(*job, plan[job[0]], out, lambda m: print(m, flush=True)), jobs))
+    run_dirs = {name: [d for (n, _), d in zip(jobs, dirs) if n == name] for name in a.variants}
+    results = {name: [read_run(d) for d in run_dirs[name]] for name in a.variants}
+    bpt = bytes_per_token(jsonl, tokenizer, tokens) if jsonl else None
+    plots(results, a.variants, out)
+    text_file = out / "heldout.txt"
+    if jsonl:  # the corpus's last document: in the validation share of data.split (documents split in order)
+        text_file.write_text(json.loads(jsonl.read_text().strip().splitlines()[-1])["text"][:200_000])
+    concentration = attention(run_dirs, a.variants, text_file, out) if a.attention and jsonl else {}
+
+    lines = [f"# Value residual vs vanilla: {a.size}, equal {a.budget}, {a.seeds} seeds", "",
+             "| variant | params | steps | valid loss (nats/token) | bits/byte | vs vanilla (95% CI, paired) | "
+             "tokens/s | attn entropy (norm) | first-token mass |", "|---|---|---|---|---|---|---|---|---|"]
+    summary = {}
+    for name in a.variants:
+        finals = [r["final"] for r in results[name]]
+        mean = sum(finals) / len(finals)
+        diff, ci = (paired_ci([f - v["final"] for f, v in zip(finals, results["vanilla"])])
+                    if "vanilla" in results and name != "vanilla" else (None, None))
+        counts = parameter_counts(model_config(plan[name]))
+        summary[name] = {"valid_loss": finals, "mean": mean, "diff_to_vanilla": diff, "diff_ci": ci,
+                         "bits_per_byte": mean / math.log(2) / bpt if bpt else None, "params": counts.total,
+                         "steps": plan[name]["train.train_steps"], "flops_per_token": flops[name],
+                         "tokens_per_s": sum(r["tokens_per_s"] for r in results[name]) / len(finals),
+                         **concentration.get(name, {})}
+        s = summary[name]
+        lines.append(f"| {name} | {s['params']:,} | {s['steps']} | {mean:.4f} +- {_sd(finals):.4f} | "
+                     + (f"{s['bits_per_byte']:.4f}" if bpt else "-") + " | "
+                     + (f"{diff:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}] ({100 * diff / summary['vanilla']['mean']:+.2f}%)"
+                        if diff is not None else "-")
+                     + f" | {s['tokens_per_s']:,.0f} | "
+                     + (f"{s['attn_entropy_norm']:.3f} | {s['first_token_mass']:.3f} |" if name in concentration
+                        else "- | - |"))
+    report = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(report)
+    (out / "results.json").write_text(json.dumps({"summary": summary, "plan": {k: {kk: str(vv) for kk, vv in v.items()}
+                                                                            for k, v in plan.items()}}, indent=1))
+    print(report)
+    print(f"wrote {out / 'report.md'}, results.json, valid_curves.png, lambdas.png"
+          + (", attention/" if concentration else ""))
+    return 0
+
+
+def _sd(values):
+    m = sum(values) / len(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / max(len(values) - 1, 1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
