@@ -395,24 +395,6 @@ def test_a_weights_only_checkpoint_trains_bf16_with_the_distributed_optimizer_fr
             assert (got[name].float() - want[name]).norm() <= 0.01 * want[name].norm(), (i, name)
 
 
-@pytest.mark.mcore_api
-def test_fresh_step_sentinel_gives_a_fresh_adamw_update():
-    """The converter saves Adam's step as 1e-30 (Megatron drops a step of 0): bit-identical updates."""
-    from rf_megatron.hf.save_worker import FRESH_STEP
-
-    torch.manual_seed(0)
-    a = torch.nn.Parameter(torch.randn(5))
-    b = torch.nn.Parameter(a.detach().clone())
-    opt_a, opt_b = torch.optim.AdamW([a], lr=0.1), torch.optim.AdamW([b], lr=0.1)
-    opt_b.state[b] = {"step": torch.tensor(FRESH_STEP), "exp_avg": torch.zeros(5), "exp_avg_sq": torch.zeros(5)}
-    for _ in range(3):
-        for p, opt in ((a, opt_a), (b, opt_b)):
-            opt.zero_grad()
-            (p ** 3).sum().backward()
-            opt.step()
-        assert torch.equal(a, b)
-
-
 # --------------------------------------------------------------------------------------------------
 # The HF model: cache, attention backends, gradient checkpointing, init
 # --------------------------------------------------------------------------------------------------

@@ -18,13 +18,13 @@ def corpus(tmp_path_factory):
 def test_two_seeds_of_two_variants_give_a_paired_table_curves_lambdas_and_attention(corpus, tmp_path):
     out = tmp_path / "quality"
     args = [sys.executable, str(REPO / "bench" / "quality.py"), "--variants", "vanilla", "learnable", "--seeds", "2",
-            "--steps", "4", "--evals", "2", "--data", corpus / "corpus", "--tokenizer", corpus / "tok.model",
+            "--steps", "3", "--evals", "2", "--data", corpus / "corpus", "--tokenizer", corpus / "tok.model",
             "--text-jsonl", corpus / "corpus.jsonl", "--out", out, "--set", "train.log_interval=1"]
     proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     summary = json.loads((out / "results.json").read_text())["summary"]
     vanilla, learnable = summary["vanilla"], summary["learnable"]
-    assert len(vanilla["valid_loss"]) == len(learnable["valid_loss"]) == 2 and vanilla["steps"] == 4
+    assert len(vanilla["valid_loss"]) == len(learnable["valid_loss"]) == 2 and vanilla["steps"] == 3
     diffs = [b - a for a, b in zip(vanilla["valid_loss"], learnable["valid_loss"])]
     assert learnable["diff_to_vanilla"] == pytest.approx(sum(diffs) / 2)
     lo, hi = learnable["diff_ci"]

@@ -5,8 +5,9 @@ rf-megatron checkpoint that the trainer resumes from, in any TP / PP / virtual-P
     python tools/convert_hf_to_checkpoint.py --hf hf/x --output runs/y/checkpoints --tp 2 --pp 2 [--vpp 2] \
         [optim.lr=3e-4 train.train_steps=5000 ...]
 
-Writes `iter_0000000/` (model weights, a fresh optimizer and LR scheduler, step 0, 0 samples
-consumed, run_config.yaml with the chosen layout) and `latest`, plus the folder's tokenizer.model.
+Writes `iter_0000000/` (model weights only, step 0, 0 samples consumed, run_config.yaml with the chosen
+layout) and `latest`, plus the folder's tokenizer.model. No optimizer state is invented: the trainer resumes a
+weights-only checkpoint with a fresh optimizer and LR schedule (Megatron-LM's --finetune).
 The save runs under torchrun with TP x PP processes (CPU/gloo when there is no GPU).
 
 The run config starts from the exporter's copy of the original one (rf_megatron_run_config.yaml) if

@@ -2,9 +2,9 @@
 
 The HF weights are mapped to full Megatron tensors here (one process); `save_worker` then runs under
 torchrun with TP x PP processes, builds the target layout, loads its shards of those tensors and
-saves through `rf_megatron.checkpointing.save_checkpoint` together with a fresh optimizer and LR
-scheduler (step 0, 0 samples consumed). The checkpoint root is written next to the output and
-renamed when complete.
+saves them through `rf_megatron.checkpointing.save_checkpoint` as a weights-only checkpoint (step 0, 0 samples
+consumed; the trainer starts a fresh optimizer and LR schedule from it). The checkpoint root is written next
+to the output and renamed when complete.
 """
 from __future__ import annotations
 
