@@ -2,20 +2,15 @@
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from rf_megatron.ports import free_port  # noqa: F401 (the tests' torchrun launches pick ports as the tools do)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(script, nproc: int, *args, timeout: int = 600, env=None, check=True):

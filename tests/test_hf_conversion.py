@@ -293,7 +293,8 @@ def round_trips(exported, tmp_path_factory):
 
     out, result = tmp_path_factory.mktemp("roundtrip"), {}
     for name in ("learnable_plus", "svformer_gqa"):
-        ckpt = import_hf(exported[name][0], out / f"{name}_ckpt", tp=1, pp=2, vpp=2, log=lambda *_: None)
+        ckpt = import_hf(exported[name][0], out / f"{name}_ckpt", tp=1, pp=2, vpp=2, log=lambda *_: None,
+                         ports=range(29700, 29800))  # the --ports path (a cluster's open range)
         back = export(ckpt, out / f"{name}_hf", verify=False, log=lambda *_: None)
         result[name] = (ckpt, back)
     return result
@@ -583,6 +584,8 @@ def test_import_errors_are_one_line(exported, tmp_path, capsys):
                                           "--tp", "3")
     assert "unknown option train.train_stepz" in _error_of(capsys, tool, "--hf", exported["vanilla"][0], "--output",
                                                             tmp_path / "o", "train.train_stepz=5")
+    assert "--ports '29500': give a range LO-HI" in _error_of(capsys, tool, "--hf", exported["vanilla"][0],
+                                                              "--output", tmp_path / "o", "--ports", "29500")
 
 
 def test_exit_code_2_from_the_command_line(tmp_path):

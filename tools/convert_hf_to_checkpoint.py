@@ -39,6 +39,7 @@ def parse_args(argv):
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the checkpoint")
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per pipeline rank")
     p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--ports", help="LO-HI: take the save workers' rendezvous port from this range (default: any)")
     p.add_argument("overrides", nargs="*", help="run config overrides, section.key=value")
     return p.parse_args(argv)
 
@@ -48,11 +49,13 @@ def main(argv=None) -> int:
     quiet()
     from rf_megatron.hf.import_hf import WorkerError, import_hf, overrides_from_argv
     from rf_megatron.hf.weights import ConversionError
+    from rf_megatron.ports import parse_ports
 
     try:
+        ports = parse_ports(args.ports) if args.ports else None
         import_hf(args.hf, args.output, tp=args.tp, pp=args.pp, vpp=args.vpp,
-                  overrides=overrides_from_argv(args.overrides), force=args.force)
-    except ConversionError as exc:
+                  overrides=overrides_from_argv(args.overrides), force=args.force, ports=ports)
+    except (ConversionError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except WorkerError as exc:

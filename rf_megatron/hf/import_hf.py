@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,12 +29,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 class WorkerError(RuntimeError):
     """The torchrun save workers failed (not a user error)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_run_config(hf_dir: Path, output: Path, tp: int, pp: int, vpp: Optional[int], overrides: Sequence[str],
@@ -75,13 +68,16 @@ def build_run_config(hf_dir: Path, output: Path, tp: int, pp: int, vpp: Optional
     return cfg
 
 
-def run_workers(world: int, weights: Path, run_config: Path, root: Path, timeout: Optional[float] = None) -> None:
+def run_workers(world: int, weights: Path, run_config: Path, root: Path, timeout: Optional[float] = None,
+                ports: Optional[range] = None) -> None:
+    from ..ports import free_port
+
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env.setdefault("OMP_NUM_THREADS", "1")
     env["RF_MEGATRON_CPU"] = "1"  # conversion runs on the CPU by design (rf_megatron.hf.export.megatron_single_process)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", "-m", "rf_megatron.hf.save_worker", "--weights", str(weights),
+           f"--master-port={free_port(ports)}", "-m", "rf_megatron.hf.save_worker", "--weights", str(weights),
            "--run-config", str(run_config), "--root", str(root)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -90,7 +86,8 @@ def run_workers(world: int, weights: Path, run_config: Path, root: Path, timeout
 
 
 def import_hf(hf_dir, output, tp: int = 1, pp: int = 1, vpp: Optional[int] = None, overrides: Sequence[str] = (),
-              force: bool = False, log=print) -> Path:
+              force: bool = False, log=print, ports: Optional[range] = None) -> Path:
+    """ports: where the save workers' rendezvous port may come from (default: any free port)."""
     from ..run_config import save_yaml
     from .safetensors_io import load_hf_weights
 
@@ -116,7 +113,7 @@ def import_hf(hf_dir, output, tp: int = 1, pp: int = 1, vpp: Optional[int] = Non
         world = tp * pp * cfg.parallel.context_parallel
         log(f"saving {cfg.model.variant} as TP{tp} x PP{pp}" + (f" x VPP{vpp}" if vpp else "")
             + f" with {world} processes ...")
-        run_workers(world, work / "weights.pt", work / "run_config.yaml", root)
+        run_workers(world, work / "weights.pt", work / "run_config.yaml", root, ports=ports)
         if (hf_dir / "tokenizer.model").exists():
             shutil.copyfile(hf_dir / "tokenizer.model", root / "tokenizer.model")
         publish(root, output, force)

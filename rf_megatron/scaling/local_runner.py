@@ -10,7 +10,6 @@ when launched again (the trainer resumes automatically).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,33 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+from ..ports import free_port, parse_ports  # noqa: F401 (parse_ports: tools/scaling_run_local.py's --ports)
 from .sweep import is_finished, load_line, parse_line, run_lines
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "pretrain" / "pretrain_resformer.py"
-
-
-def parse_ports(spec: str) -> range:
-    """--ports LO-HI (inclusive), e.g. 29500-29599 where a firewall opens only those."""
-    try:
-        lo, hi = (int(x) for x in spec.split("-"))
-    except ValueError:
-        raise ValueError(f"--ports {spec!r}: give a range LO-HI, e.g. 29500-29599") from None
-    if not 1024 <= lo <= hi <= 65535:
-        raise ValueError(f"--ports {spec!r}: need 1024 <= LO <= HI <= 65535")
-    return range(lo, hi + 1)
-
-
-def _free_port(ports: Optional[range] = None) -> int:
-    """A port nothing listens on now: any (the OS picks), or the first free one of `ports`."""
-    for port in ports or [0]:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
 
 
 def command(line: str, nproc: int, launcher: str = "auto", python: str = sys.executable,
@@ -52,7 +29,7 @@ def command(line: str, nproc: int, launcher: str = "auto", python: str = sys.exe
     """(argv, extra env) that run one sweep line (its rendezvous port from `ports` when given)."""
     preset, overrides = parse_line(line)
     args = [str(TRAIN), "--config", preset, *overrides]
-    port = str(_free_port(ports))
+    port = str(free_port(ports))
     if launcher == "auto":
         launcher = "python" if nproc == 1 else "torchrun"
     if launcher == "python":

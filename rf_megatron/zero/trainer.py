@@ -67,9 +67,9 @@ def _init_distributed() -> None:
     if "MASTER_PORT" not in os.environ:
         if os.environ["WORLD_SIZE"] != "1":
             raise ConfigError("MASTER_PORT is not set: launch with torchrun, deepspeed or slurm/pretrain.sbatch")
-        from ..hf.import_hf import _free_port
+        from ..ports import free_port
 
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     if not dist.is_initialized():
         init_process_group()  # after select_device: NCCL on cuda:LOCAL_RANK, else gloo
 
