@@ -125,8 +125,7 @@ def paired_ci(diffs, level=0.95):
     mean = sum(diffs) / k
     if k < 2:
         return mean, (float("nan"), float("nan"))
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (k - 1))
-    half = stats.t.ppf(0.5 + level / 2, k - 1) * sd / math.sqrt(k)
+    half = stats.t.ppf(0.5 + level / 2, k - 1) * _sd(diffs) / math.sqrt(k)
     return mean, (mean - half, mean + half)
 
 

@@ -3,15 +3,15 @@
 Megatron stores `decoder.layers.*` as stacked [num_layers, ...] global tensors, saved as one chunk per layer and
 TP rank (the SwiGLU fc1 as two chunks per rank: its gate and up halves); what differs between layers (SVFormer's
 QKV, learnable lambdas) has a key per layer, `decoder.layers.<name>.layer<n>` (n 1-based, rf_megatron/attention.py).
-`read_layer(i)` reads only layer i's chunks, through torch.distributed.checkpoint's own FileSystemReader (same file format), so a converter holds one
-layer in memory, not the model, whatever the TP / PP / VPP layout that wrote it. No process group, no Megatron.
+`read_layer(i)` reads only layer i's chunks, through torch.distributed.checkpoint's own FileSystemReader (same
+file format), so a converter holds one layer in memory, not the model, whatever the TP / PP / VPP layout that
+wrote it. No process group, no Megatron.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Dict, Optional, Tuple
-
-import re
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader

@@ -298,29 +298,38 @@ def _meta(shapes):
 def plan_hf_tensors(tensors, model, dtype: torch.dtype):
     """{HF name: (shape, dtype)} of the export and {HF name: Megatron name} of its model-level tensors, from the
     checkpoint metadata alone (the layer mapping runs on meta tensors)."""
-    if tensors.num_layers() != model.num_layers:
-        raise ConversionError(f"{tensors.path}: the checkpoint holds {tensors.num_layers()} layers, its run config "
+    layers = tensors.num_layers()
+    if layers != model.num_layers:
+        raise ConversionError(f"{tensors.path}: the checkpoint holds {layers} layers, its run config "
                               f"says model.num_layers={model.num_layers}")
-    global_names = global_names_to_hf(tensors.global_shapes(), model)
-    shapes = {hf: (tensors.global_shapes()[name][0], dtype) for name, hf in global_names.items()}
+    global_shapes = tensors.global_shapes()
+    global_names = global_names_to_hf(global_shapes, model)
+    shapes = {hf: (global_shapes[name][0], dtype) for name, hf in global_names.items()}
     for i in range(model.num_layers):
         for name, t in layer_to_hf(i, _meta(tensors.layer_shapes(i)), model).items():
             shapes[name] = (t.shape, dtype)
     return shapes, {hf: name for name, hf in global_names.items()}
 
 
-def stream_weights(tensors, writer, model, from_global: Dict[str, str], keep=lambda name: False, log=print):
-    """Write every planned tensor in the writer's order, reading each layer once; returns the tensors `keep`
-    selects (the lambdas, for the model card). Logs progress about every 10 s."""
-    kept, layer, pending = {}, None, {}
-    begin = last = time.monotonic()
-    done_bytes = 0
-    for position, name in enumerate(writer.order):
+def hf_tensors(tensors, names, model, from_global: Dict[str, str]):
+    """(HF name, tensor) for `names` in their order, from the checkpoint: each layer is read and mapped when its
+    first tensor comes up (so an order that keeps a layer's names together reads each layer once)."""
+    layer, pending = None, {}
+    for name in names:
         match = _HF_LAYER.match(name)
         if match and int(match.group(1)) != layer:
             layer = int(match.group(1))
             pending = layer_to_hf(layer, tensors.read_layer(layer), model)
-        tensor = pending.pop(name) if match else tensors.read(from_global[name])
+        yield name, (pending.pop(name) if match else tensors.read(from_global[name]))
+
+
+def stream_weights(tensors, writer, model, from_global: Dict[str, str], keep=lambda name: False, log=print):
+    """Write every planned tensor in the writer's order; returns the tensors `keep` selects (the lambdas, for the
+    model card). Logs progress about every 10 s."""
+    kept = {}
+    begin = last = time.monotonic()
+    done_bytes = 0
+    for position, (name, tensor) in enumerate(hf_tensors(tensors, writer.order, model, from_global)):
         tensor = tensor.to(writer.shapes[name][1])
         writer.write(name, tensor)
         done_bytes += tensor.numel() * tensor.element_size()
@@ -340,19 +349,13 @@ def verify_weights(folder: Path, tensors, model, from_global: Dict[str, str]) ->
     check of a model too large for two copies in memory. Returns the number of tensors checked."""
     from safetensors import safe_open
 
-    from .safetensors_io import INDEX, _natural
+    from .safetensors_io import INDEX, natural_key
 
     weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
-    layer, pending = None, {}
-    for name in sorted(weight_map, key=lambda n: (weight_map[n], _natural(n))):
-        match = _HF_LAYER.match(name)
-        if match and int(match.group(1)) != layer:
-            layer = int(match.group(1))
-            pending = layer_to_hf(layer, tensors.read_layer(layer), model)
+    for name, want in hf_tensors(tensors, sorted(weight_map, key=natural_key), model, from_global):
         with safe_open(str(folder / weight_map[name]), framework="pt") as shard:
             got = shard.get_tensor(name)
-        want = (pending[name] if match else tensors.read(from_global[name])).to(got.dtype)
-        if not torch.equal(got, want):
+        if not torch.equal(got, want.to(got.dtype)):
             raise ConversionError(f"verification failed: {name} in {weight_map[name]} differs from the checkpoint")
     return len(weight_map)
 

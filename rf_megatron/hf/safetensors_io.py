@@ -25,7 +25,8 @@ def parse_size(text) -> int:
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
 
 
-def _natural(name: str):
+def natural_key(name: str):
+    """Sort key: model.layers.2 before model.layers.10."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
@@ -36,15 +37,22 @@ def save_sharded(tensors: Dict[str, torch.Tensor], out_dir, max_shard_bytes: int
 
     out_dir = Path(out_dir)
     shards = plan_shards({n: (t.shape, t.dtype) for n, t in tensors.items()}, max_shard_bytes)
-    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
+    files = shard_files(len(shards))
     for file, names in zip(files, shards):
         save_file({n: tensors[n].contiguous() for n in names}, str(out_dir / file), metadata={"format": "pt"})
-        weight_map.update({n: file for n in names})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                            indent=2, sort_keys=True) + "\n")
+    write_index(out_dir, files, shards, sum(t.numel() * t.element_size() for t in tensors.values()))
     return files
+
+
+def shard_files(count: int) -> List[str]:
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def write_index(out_dir, files: List[str], shards: List[List[str]], total_bytes: int) -> None:
+    """model.safetensors.index.json: which shard holds each tensor."""
+    weight_map = {name: file for file, shard in zip(files, shards) for name in shard}
+    (Path(out_dir) / INDEX).write_text(json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map},
+                                                  indent=2, sort_keys=True) + "\n")
 
 
 _DTYPE_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
@@ -55,7 +63,7 @@ def plan_shards(shapes: Dict[str, Tuple[torch.Size, torch.dtype]], max_shard_byt
     next tensor would overflow `max_shard_bytes` (a larger tensor gets a shard of its own)."""
     shards: List[List[str]] = [[]]
     size = 0
-    for name in sorted(shapes, key=_natural):
+    for name in sorted(shapes, key=natural_key):
         shape, dtype = shapes[name]
         nbytes = shape.numel() * dtype.itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:
@@ -76,8 +84,9 @@ class StreamingShardWriter:
     def __init__(self, out_dir, shapes: Dict[str, Tuple[torch.Size, torch.dtype]], max_shard_bytes: int):
         self.out_dir, self.shapes = Path(out_dir), shapes
         self.shards = plan_shards(shapes, max_shard_bytes)
-        self.files = [f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors" for i in range(len(self.shards))]
+        self.files = shard_files(len(self.shards))
         self.order = [name for shard in self.shards for name in shard]
+        self.shard_of = {name: i for i, shard in enumerate(self.shards) for name in shard}
         self.written = 0
         self.handle = None
 
@@ -93,7 +102,6 @@ class StreamingShardWriter:
         blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
         self.handle = open(self.out_dir / self.files[shard], "wb")
         self.handle.write(struct.pack("<Q", len(blob)) + blob)
-        self.shard, self.left = shard, list(self.shards[shard])
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """The next tensor of the plan (its name, shape and dtype must match)."""
@@ -101,12 +109,12 @@ class StreamingShardWriter:
         if name != expected or tuple(tensor.shape) != tuple(self.shapes[name][0]) or tensor.dtype != self.shapes[name][1]:
             raise ValueError(f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} out of plan: expected {expected} "
                              f"{tuple(self.shapes[expected][0])} {self.shapes[expected][1]}")
-        if self.handle is None:
-            self._open(0 if self.written == 0 else self.shard + 1)
+        shard = self.shards[self.shard_of[name]]
+        if name == shard[0]:
+            self._open(self.shard_of[name])
         self.handle.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
         self.written += 1
-        self.left.pop(0)
-        if not self.left:
+        if name == shard[-1]:
             self.handle.close()
             self.handle = None
 
@@ -114,10 +122,8 @@ class StreamingShardWriter:
         if self.written != len(self.order):
             raise ValueError(f"{len(self.order) - self.written} planned tensors never written, "
                              f"from {self.order[self.written]}")
-        weight_map = {name: file for file, shard in zip(self.files, self.shards) for name in shard}
-        total = sum(shape.numel() * dtype.itemsize for shape, dtype in self.shapes.values())
-        (self.out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                     indent=2, sort_keys=True) + "\n")
+        write_index(self.out_dir, self.files, self.shards,
+                    sum(shape.numel() * dtype.itemsize for shape, dtype in self.shapes.values()))
         return self.files
 
 

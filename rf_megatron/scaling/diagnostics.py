@@ -45,36 +45,42 @@ def law_warnings(family: str, fit) -> List[str]:
     return out
 
 
-def robust_z(residuals) -> np.ndarray:
-    """(r - median) / (1.4826 MAD): a standard score that outliers cannot inflate."""
+def robust_sd(residuals) -> float:
+    """1.4826 MAD: the standard deviation of normal residuals, which outliers cannot inflate."""
     r = np.asarray(residuals, float)
-    mad = np.median(np.abs(r - np.median(r)))
-    scale = 1.4826 * mad if mad > 0 else max(float(np.std(r)), 1e-12)
+    return float(1.4826 * np.median(np.abs(r - np.median(r))))
+
+
+def robust_z(residuals) -> np.ndarray:
+    """(r - median) / robust_sd: a standard score that outliers cannot inflate."""
+    r = np.asarray(residuals, float)
+    sd = robust_sd(r)
+    scale = sd if sd > 0 else max(float(np.std(r)), 1e-12)
     return (r - np.median(r)) / scale
 
 
-def noise_sd(df, fit, loss_col: str) -> float:
-    """The robust standard deviation (1.4826 MAD) of a family's log residuals: its runs' noise level, what
-    tools/scaling_power.py simulates with."""
+def _family_runs(df, family: str, fit, n_col: str, loss_col: str):
+    """(rows, loss, law's prediction) of a family's usable runs."""
     from .family_fits import usable
 
-    rows = usable(df[df["family"] == fit.family], loss_col)
-    r = np.log(rows[loss_col].to_numpy(float)) - np.log(fit.law.predict(rows[fit.n_col].to_numpy(float),
-                                                                         rows["D"].to_numpy(float)))
-    return float(1.4826 * np.median(np.abs(r - np.median(r))))
+    rows = usable(df[df["family"] == family], loss_col)
+    return rows, rows[loss_col].to_numpy(float), fit.law.predict(rows[n_col].to_numpy(float), rows["D"].to_numpy(float))
+
+
+def noise_sd(df, fit, loss_col: str) -> float:
+    """The robust standard deviation of a family's log residuals: its runs' noise level, what
+    tools/scaling_power.py simulates with."""
+    _, loss, predicted = _family_runs(df, fit.family, fit, fit.n_col, loss_col)
+    return robust_sd(np.log(loss) - np.log(predicted))
 
 
 def outlier_warnings(df, fits, n_col: str, loss_col: str, z_max: float = OUTLIER_Z) -> List[str]:
     """Runs whose log loss is more than z_max robust standard deviations from their family's law."""
-    from .family_fits import usable
-
     out = []
     for family, fit in fits.items():
-        rows = usable(df[df["family"] == family], loss_col)
+        rows, loss, predicted = _family_runs(df, family, fit, n_col, loss_col)
         if len(rows) < 5:
             continue
-        loss = rows[loss_col].to_numpy(float)
-        predicted = fit.law.predict(rows[n_col].to_numpy(float), rows["D"].to_numpy(float))
         z = robust_z(np.log(loss) - np.log(predicted))
         names = rows["name"].astype(str).to_numpy() if "name" in rows else np.array([f"#{i}" for i in rows.index])
         for i in np.flatnonzero(np.abs(z) > z_max):
