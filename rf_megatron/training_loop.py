@@ -298,6 +298,11 @@ def run_entry_point(build: Callable[[], "TrainingLoop"]) -> int:
         # one rank only (the one reading it), while the others wait in a collective: that rank says it.
         if int(os.environ.get("RANK", "0")) == 0 or getattr(exc, "every_rank", False):
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            # a process group (and its threads) is up: interpreter teardown can abort in C++ ("terminate called
+            # without an active exception", exit -6 instead of 2; seen once in CI), so leave as a stop does
+            _exit_now(2)
         return 2
     try:
         result = trainer.train()
