@@ -6,6 +6,7 @@ LOGGING = ["wandb>=0.19,<0.32", "tensorboard>=2.15,<2.22"]  # tested: wandb 0.31
 HF = ["transformers>=5.10,<5.25", "safetensors<0.9", "protobuf<8"]
 SCALING = ["scipy<1.18", "pandas<3.2", "matplotlib<3.12", "pyarrow<27", "threadpoolctl<4"]
 DEEPSPEED = ["deepspeed>=0.16,<0.20"]  # tested 0.19.8
+EVAL = ["lm_eval[hf]>=0.4.13,<0.4.14"]  # tools/evaluate.py --tasks; tested 0.4.13
 TESTS = ["pytest>=8,<9.3", "pytest-timeout<2.5", "pytest-xdist>=3.6,<3.9"]
 
 setup(
@@ -35,7 +36,8 @@ setup(
         "scaling": SCALING,
         # pretrain/pretrain_hf_deepspeed.py (CPU accelerator + gloo, or CUDA + NCCL)
         "deepspeed": DEEPSPEED + HF,
-        "dev": TESTS + LOGGING + HF + SCALING + DEEPSPEED,
+        "eval": EVAL + HF,
+        "dev": TESTS + LOGGING + HF + SCALING + DEEPSPEED + EVAL,
         "gpu": ["transformer-engine[pytorch]"],  # not installable without CUDA: never run by CI
     },
 )

@@ -263,9 +263,9 @@ def max_token_id(prefix: str, chunk_tokens: int = 1 << 24) -> int:
     return hi
 
 
-def split_token_counts(prefix: str, weights) -> Tuple[Tuple[int, int], ...]:
-    """(documents, tokens) of each train/valid/test split as Megatron cuts it: by whole documents, split i
-    holding documents [round(lo_i * D), round(hi_i * D)) of the normalised cumulative weights."""
+def _split_bounds(prefix: str, weights):
+    """Per split: (first document, end document, first token, end token), cut as Megatron cuts it: by whole
+    documents, split i holding documents [round(lo_i * D), round(hi_i * D)) of the normalised cumulative weights."""
     _, lengths, _, documents, boundaries = _read_index(prefix)
     seq_tokens = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     doc_tokens = seq_tokens[boundaries]  # tokens before each document boundary
@@ -274,4 +274,17 @@ def split_token_counts(prefix: str, weights) -> Tuple[Tuple[int, int], ...]:
     for w in weights:
         acc += w / total
         bounds.append(int(round(min(acc, 1.0) * documents)))
-    return tuple((hi - lo, int(doc_tokens[hi] - doc_tokens[lo])) for lo, hi in zip(bounds[:-1], bounds[1:]))
+    return [(lo, hi, int(doc_tokens[lo]), int(doc_tokens[hi])) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def split_token_counts(prefix: str, weights) -> Tuple[Tuple[int, int], ...]:
+    """(documents, tokens) of each train/valid/test split as Megatron cuts it (see _split_bounds)."""
+    return tuple((hi - lo, end - begin) for lo, hi, begin, end in _split_bounds(prefix, weights))
+
+
+def split_tokens(prefix: str, weights=(1,), part: int = 0) -> np.ndarray:
+    """The token ids of one split (0 train, 1 valid, 2 test; the whole dataset by default), memory-mapped:
+    held-out perplexity scores exactly the documents training never saw."""
+    dtype, bin_path, _, _ = _verify(prefix)
+    _, _, begin, end = _split_bounds(prefix, weights)[part]
+    return np.memmap(bin_path, dtype=dtype, mode="r")[begin:end]
