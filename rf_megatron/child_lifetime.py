@@ -1,4 +1,4 @@
-"""Nothing of a job outlives it: helper processes die with the trainer.
+"""Nothing of a job outlives it: helper processes die with the trainer (and `exit_now` takes them along).
 
 Megatron's dist_checkpointing keeps helper processes (a multiprocessing Manager, checkpoint writers). When a
 rank is killed with SIGKILL (OOM killer, `scancel --signal=KILL`, slurmd after a failed step), they are re-parented
@@ -48,3 +48,28 @@ def install() -> None:
     multiprocessing.util.register_after_fork(_HOOK, die_with_parent)  # fork children; twice is harmless
     if "__mp_main__" in sys.modules:  # we are a spawned child re-importing the main script: hooks do not run here
         die_with_parent()
+
+
+def exit_now(code: int) -> None:
+    """Exit without the normal shutdown, taking our helper processes along (the checkpoint writer's
+    multiprocessing Manager would otherwise outlive us, holding the launcher's output pipes open)."""
+    import psutil
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    os._exit(code)
+
+
+def exit_process(code: int) -> None:
+    """An entry point's last call: `sys.exit(code)`, except that with a process group still up (a run that stopped
+    on a config error after building it) the interpreter's teardown is skipped: with gloo's threads alive it can
+    abort in C++ ("terminate called without an active exception", exit -6 instead of 2; seen once in CI)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        exit_now(code)
+    sys.exit(code)

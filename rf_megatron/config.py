@@ -13,8 +13,7 @@ from typing import List, Optional
 
 import torch
 
-VARIANTS = ("vanilla", "resformer", "svformer")
-LAMBDA_MODES = ("identity", "constant", "learnable", "learnable_plus", "sparse")
+from .hf.value_residual_spec import MODES, VARIANTS, config_problem
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -44,7 +43,7 @@ class ModelConfig:
     variant: str = "resformer"  # vanilla | resformer | svformer
     lambda_mode: str = "identity"  # ResFormer: identity | constant | learnable | learnable_plus | sparse
     lambda_constant: float = 2.0  # `constant`: V'_n = V_n + lambda_constant * V_1
-    residual_layers: Optional[List[int]] = None  # `sparse`: 1-based layers that mix in V_1
+    sparse_layers: Optional[List[int]] = None  # `sparse`: 1-based layers that mix in V_1 (None: the last half)
 
     @property
     def kv_heads(self) -> int:
@@ -58,20 +57,13 @@ class ModelConfig:
     def value_residual(self) -> bool:
         return self.variant != "vanilla"
 
-    def sparse_layers(self) -> List[int]:
-        """Layers that get the residual in `sparse` mode (default: the last half)."""
-        if self.residual_layers is not None:
-            return sorted(self.residual_layers)
-        return list(range(self.num_layers // 2 + 1, self.num_layers + 1))
-
     def validate(self, parallel: "ParallelConfig") -> None:
         def need(cond, msg):
             if not cond:
                 raise ConfigError(msg)
 
         need(self.variant in VARIANTS, f"variant={self.variant!r}: choose one of {', '.join(VARIANTS)}")
-        need(self.lambda_mode in LAMBDA_MODES,
-             f"lambda_mode={self.lambda_mode!r}: choose one of {', '.join(LAMBDA_MODES)}")
+        need(self.lambda_mode in MODES, f"lambda_mode={self.lambda_mode!r}: choose one of {', '.join(MODES)}")
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
             need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
         need(self.hidden_size % self.num_attention_heads == 0,
@@ -98,13 +90,15 @@ class ModelConfig:
         if self.variant == "svformer":
             need(self.lambda_mode == "identity",
                  f"lambda_mode={self.lambda_mode!r} applies to resformer; svformer uses V_1 as is")
-        if self.lambda_mode == "sparse":
-            layers = self.sparse_layers()
-            need(layers and all(2 <= n <= self.num_layers for n in layers),
-                 f"residual_layers={self.residual_layers}: layers must lie in 2..{self.num_layers}")
-        if self.lambda_mode == "learnable_plus" and (pp > 1 or vpp):
+        if MODES[self.lambda_mode].chosen_layers_only:
+            need(self.sparse_layers is None or self.sparse_layers,
+                 f"sparse_layers={self.sparse_layers}: choose at least one layer")
+        problem = config_problem(self.variant, self.lambda_mode, self.num_layers, self.sparse_layers)
+        need(problem is None, problem)
+        if MODES[self.lambda_mode].model_params and (pp > 1 or vpp):
             need(not parallel.overlap_grad_reduce,
-                 "lambda_mode=learnable_plus shares its logits across pipeline stages: set overlap_grad_reduce=false")
+                 f"lambda_mode={self.lambda_mode} shares its model-wide lambdas across pipeline stages: set "
+                 "overlap_grad_reduce=false")
         need(parallel.context_parallel == 1, "context_parallel > 1 is not supported with value residual yet")
         need(parallel.recompute_granularity in (None, "selective", "full"),
              f"recompute_granularity={parallel.recompute_granularity!r}: choose selective, full or null")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import ModelConfig
+from .hf.value_residual_spec import has_value_projection, lambda_parameter_count
 
 
 @dataclass
@@ -22,14 +23,7 @@ class Counts:
 
 
 def _value_rows(m: ModelConfig, layer: int) -> int:
-    return 0 if (m.variant == "svformer" and layer > 1) else m.kv_heads * m.head_dim
-
-
-def _lambda_params(m: ModelConfig) -> int:
-    if m.variant != "resformer":
-        return 0
-    n = len(range(2, m.num_layers + 1))
-    return {"learnable": 2 * n, "learnable_plus": n + n + 1}.get(m.lambda_mode, 0)
+    return m.kv_heads * m.head_dim if has_value_projection(m.variant, layer) else 0
 
 
 def parameter_counts(m: ModelConfig) -> Counts:
@@ -42,7 +36,8 @@ def parameter_counts(m: ModelConfig) -> Counts:
         layers += h * ffn * (2 if m.swiglu else 1) + ffn * h  # MLP
         layers += 2 * norm + (2 * m.head_dim * (2 if m.normalization == "LayerNorm" else 1) if m.qk_layernorm else 0)
     embedding = m.vocab_size * h * (2 if m.untie_embeddings_and_output_weights else 1)
-    return Counts(embedding=embedding, non_embedding=layers + norm + _lambda_params(m))
+    return Counts(embedding=embedding, non_embedding=layers + norm + lambda_parameter_count(
+        m.variant, m.lambda_mode, m.num_layers, m.sparse_layers))
 
 
 def training_flops_per_token(m: ModelConfig, seq_length: int = None) -> float:

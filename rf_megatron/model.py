@@ -7,7 +7,7 @@ What this class adds to `GPTModel` (everything else is Megatron's):
   so V_1 reaches every later stage and its gradient comes back (rf_megatron.v1_packing);
 - full activation recompute: the block's hidden states carry V_1 (packed) through Megatron's
   checkpointed chunks; the final norm sees plain hidden states;
-- learnable_plus: the model-wide softmax logits and scale.
+- the lambda mode's model-wide parameters (learnable_plus: the softmax logits and scale).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from megatron.core.models.gpt import GPTModel
 from .config import ModelConfig
 from .specs import block_spec
 from .v1_packing import V1Slot, is_packed, pack, packed_width, unpack
-from .value_residual import LearnablePlusLambdas, LearnablePlusShared, residual_layers
+from .value_residual import LayerLambdas, build_shared_lambdas
 
 
 class ValueResidualGPTModel(GPTModel):
@@ -29,9 +29,11 @@ class ValueResidualGPTModel(GPTModel):
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.v1_slot = V1Slot(heads=self.config.num_query_groups // tp, head_dim=self.config.kv_channels)
         self.v1_width = packed_width(self.config, tp)
-        self.value_residual_plus = None
-        if rf_config.variant == "resformer" and rf_config.lambda_mode == "learnable_plus":
-            self.value_residual_plus = LearnablePlusShared(residual_layers(rf_config)).to(self.config.params_dtype)
+        # the mode's model-wide lambdas (learnable_plus: softmax logits and scale); the attribute name is the
+        # checkpoint and HF weight-map prefix
+        self.value_residual_plus = build_shared_lambdas(rf_config)
+        if self.value_residual_plus is not None:
+            self.value_residual_plus.to(self.config.params_dtype)
             vp_stage = kwargs.get("vp_stage")
             if parallel_state.get_pipeline_model_parallel_rank() != 0 or (vp_stage or 0) != 0:
                 for p in self.value_residual_plus.parameters():
@@ -39,8 +41,8 @@ class ValueResidualGPTModel(GPTModel):
         for module in self.decoder.modules():
             if hasattr(module, "v1_slot"):
                 module.v1_slot = self.v1_slot
-            if isinstance(module, LearnablePlusLambdas):
-                module.lambda1_of = self.value_residual_plus.lambda1
+            if isinstance(module, LayerLambdas) and self.value_residual_plus is not None:
+                module.shared_of = self.value_residual_plus.values
         self.decoder.register_forward_pre_hook(self._pack_first_block_input, with_kwargs=True)
         if self.decoder.final_layernorm is not None:
             self.decoder.final_layernorm.register_forward_pre_hook(self._unpack_before_final_norm)

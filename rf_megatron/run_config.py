@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,12 +164,28 @@ def _type_check(path: str, value: Any, hint) -> Any:
     return value
 
 
+# Renamed options: the old key keeps working, with a one-line note (rank 0) when it is set.
+RENAMED = {"model.residual_layers": "model.sparse_layers"}
+
+
+def _renamed(path: str, value: Any) -> str:
+    new = RENAMED[path]
+    if value is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: {path} is deprecated, use {new} (same meaning)", file=sys.stderr, flush=True)
+    return new.rsplit(".", 1)[-1]
+
+
 def _build(cls, data: Dict[str, Any], prefix: str):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in (data or {}).items():
         path = f"{prefix}{key}"
+        if path in RENAMED:
+            key = _renamed(path, value)
+            if key in (data or {}):
+                raise ConfigError(f"{path} and {RENAMED[path]} are both set: keep {RENAMED[path]}")
+            path = RENAMED[path]
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""

@@ -167,13 +167,11 @@ class Trainer(TrainingLoop):
 
     def lambdas(self) -> Dict[str, float]:
         """Per-layer (lambda1, lambda2) of learnable variants, gathered from every stage."""
-        from .value_residual import LearnableLambdas, LearnablePlusLambdas
-
         mine = {}
         for chunk in self.model:
             for layer in unwrap(chunk).decoder.layers:
                 lam = getattr(layer.self_attention, "value_lambdas", None)
-                if isinstance(lam, (LearnableLambdas, LearnablePlusLambdas)):
+                if lam is not None and lam.learnable:
                     with torch.no_grad():
                         l1, l2 = lam()
                     mine[f"lambda1/layer{layer.layer_number}"] = float(l1)

@@ -282,6 +282,7 @@ def run_entry_point(build: Callable[[], "TrainingLoop"]) -> int:
     """What both pretrain/ scripts do: build the trainer (a ConfigError -> one `error:` line, exit 2),
     train, shut down; say how to resume when the run stopped early."""
     from . import child_lifetime
+    from .child_lifetime import exit_now
     from .config import ConfigError
     from .quiet import silence_known_warnings
 
@@ -298,18 +299,13 @@ def run_entry_point(build: Callable[[], "TrainingLoop"]) -> int:
         # one rank only (the one reading it), while the others wait in a collective: that rank says it.
         if int(os.environ.get("RANK", "0")) == 0 or getattr(exc, "every_rank", False):
             print(f"error: {exc}", file=sys.stderr, flush=True)
-        dist = sys.modules.get("torch.distributed")
-        if dist is not None and dist.is_available() and dist.is_initialized():
-            # a process group (and its threads) is up: interpreter teardown can abort in C++ ("terminate called
-            # without an active exception", exit -6 instead of 2; seen once in CI), so leave as a stop does
-            _exit_now(2)
         return 2
     try:
         result = trainer.train()
     except TrainingStopped as exc:  # every rank sees the same (global) loss / grad norm and stops here
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
-        _exit_now(1)
+        exit_now(1)
     except BaseException:
         # Report now: the other ranks may be blocked in a collective that this rank left, and a
         # clean shutdown (a barrier) would hang; the launcher tears the job down on our exit code.
@@ -317,25 +313,10 @@ def run_entry_point(build: Callable[[], "TrainingLoop"]) -> int:
 
         traceback.print_exc()
         sys.stderr.flush()
-        _exit_now(1)
+        exit_now(1)
     trainer.close()
     if "stopped" in result and result.get("saved") and int(os.environ.get("RANK", "0")) == 0:
         # under SLURM the job script says what comes next (slurm/pretrain.sbatch: requeue, or resubmit)
         how = "checkpoint saved" if os.environ.get("SLURM_JOB_ID") else "rerun the same command to resume"
         print(f"stopped at step {result['step']} ({result['stopped']}); {how}", flush=True)
     return 0
-
-
-def _exit_now(code: int) -> None:
-    """Exit without the normal shutdown, taking our helper processes along (the checkpoint writer's
-    multiprocessing Manager would otherwise outlive us, holding the launcher's output pipes open)."""
-    import psutil
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    for child in psutil.Process().children(recursive=True):
-        try:
-            child.kill()
-        except psutil.Error:
-            pass
-    os._exit(code)

@@ -1,32 +1,21 @@
-"""The value-residual math of ResFormer / SVFormer (arXiv 2410.17897), in one place.
+"""Value residual inside Megatron-Core: the lambda modules of ResFormer's attention layers.
 
-For every attention layer n >= 2 the values are mixed with the *first* layer's values before
-attention (after the QKV projection; RoPE touches only Q and K):
-
-    V'_n = lambda1 * V_1 + lambda2 * V_n                               (ResFormer)
-    V'_n = V_1                                                         (SVFormer: no V_n at all)
-
-V_1 is not detached, so layer 1's value projection receives the residual's gradient.
-The lambda variants:
-
-    identity        lambda1 = lambda2 = 0.5                    (the paper's released code)
-    constant        lambda1 = c, lambda2 = 1                   (A(V_n + c V_1))
-    learnable       per-layer scalars lambda1, lambda2, both initialised to 0.5
-    learnable_plus  lambda1_n = s * softmax(z)_n over the residual layers, s initialised to their
-                    count (so every lambda1 starts at 1), lambda2_n per layer, initialised to 0.5
-    sparse          identity, but only on the chosen layers (the others are plain attention)
+The method itself (the variants, the lambda modes with their parameters and rules, which layers mix, and
+`V'_n = lambda1 * V_1 + lambda2 * V_n`) is described once in `rf_megatron/hf/value_residual_spec.py`, which
+the HF model, the weight maps and the FLOP counts read too. This module only holds a mode's parameters the way
+Megatron needs them: replicated on every TP rank (gradients summed over TP), one checkpoint key per layer, and
+the model-wide parameters (learnable_plus's softmax logits and scale) copied into every pipeline stage.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from .hf.value_residual_spec import MODES, LambdaMode, lambdas_of, mix_values, mixing_layers, new_parameters
 
-def mix_values(v1: Tensor, vn: Tensor, lambda1, lambda2) -> Tensor:
-    """V'_n = lambda1 * V_1 + lambda2 * V_n."""
-    return lambda1 * v1 + lambda2 * vn
+__all__ = ["mix_values", "LayerLambdas", "SharedLambdas", "build_lambdas", "build_shared_lambdas", "mixing_layers_of"]
 
 
 def _mark_replicated(param: nn.Parameter) -> nn.Parameter:
@@ -50,82 +39,63 @@ class _PerLayerCheckpoint:
                 for name, param in self.state_dict(keep_vars=True).items()}
 
 
-class FixedLambdas(nn.Module):
-    """identity (0.5, 0.5), constant (c, 1) and sparse: no parameters."""
+class LayerLambdas(_PerLayerCheckpoint, nn.Module):
+    """(lambda1, lambda2) of one mixing layer: the mode's per-layer parameters (none for identity, constant,
+    sparse) plus, for modes with model-wide parameters, this layer's share of them (`shared_of`)."""
 
-    def __init__(self, lambda1: float, lambda2: float):
+    def __init__(self, mode: LambdaMode, layer_number: int, index: int, mixing_count: int, constant: float):
         super().__init__()
-        self.lambda1, self.lambda2 = lambda1, lambda2
+        self.mode, self.layer_number, self.index, self.constant = mode, layer_number, index, constant
+        for name, param in new_parameters(mode.layer_params, mixing_count).items():
+            self.register_parameter(name, _mark_replicated(param))
+        # the model-wide parameters of this model chunk ({name: tensor}), attached by the model: a bound method,
+        # so the shared module is not registered again under every layer
+        self.shared_of: Optional[Callable[[], Dict[str, torch.Tensor]]] = None
 
-    def forward(self) -> Tuple[float, float]:
-        return self.lambda1, self.lambda2
+    @property
+    def learnable(self) -> bool:
+        return self.mode.learnable
 
-
-class LearnableLambdas(_PerLayerCheckpoint, nn.Module):
-    """One (lambda1, lambda2) pair per layer, initialised to 0.5 each."""
-
-    def __init__(self, layer_number: int):
-        super().__init__()
-        self.layer_number = layer_number
-        self.value_residual_lambdas = _mark_replicated(nn.Parameter(torch.full((2,), 0.5)))
-
-    def forward(self) -> Tuple[Tensor, Tensor]:
-        return self.value_residual_lambdas[0], self.value_residual_lambdas[1]
+    def forward(self) -> Tuple:
+        own = dict(self.named_parameters(recurse=False))
+        return lambdas_of(self.mode, own, self.shared_of() if self.shared_of else {}, self.index, self.constant)
 
 
-class LearnablePlusShared(nn.Module):
-    """The model-wide part of learnable_plus: logits z over the residual layers and the scale s.
+class SharedLambdas(nn.Module):
+    """The model-wide parameters of a mode (learnable_plus: logits z over the mixing layers and the scale s).
 
-    Every pipeline stage (and virtual chunk) holds a copy; rf_megatron.grads sums their gradients
-    so the copies stay identical.
+    Every pipeline stage (and virtual chunk) holds a copy; rf_megatron.grads sums their gradients so the copies
+    stay identical.
     """
 
-    def __init__(self, residual_layers: Tuple[int, ...]):
+    def __init__(self, mode: LambdaMode, mixing_count: int):
         super().__init__()
-        self.residual_layers = tuple(residual_layers)
-        self.value_residual_logits = _mark_replicated(nn.Parameter(torch.zeros(len(residual_layers))))
-        self.value_residual_scale = _mark_replicated(nn.Parameter(torch.full((1,), float(len(residual_layers)))))
-        self.value_residual_logits.value_residual_pp_shared = "logits"
-        self.value_residual_scale.value_residual_pp_shared = "scale"
+        for name, param in new_parameters(mode.model_params, mixing_count).items():
+            param.value_residual_pp_shared = name
+            self.register_parameter(name, _mark_replicated(param))
 
-    def lambda1(self, layer_number: int) -> Tensor:
-        index = self.residual_layers.index(layer_number)
-        return self.value_residual_scale[0] * torch.softmax(self.value_residual_logits, dim=0)[index]
+    def values(self) -> Dict[str, torch.Tensor]:
+        return dict(self.named_parameters(recurse=False))
 
 
-class LearnablePlusLambdas(_PerLayerCheckpoint, nn.Module):
-    """Per-layer lambda2 (init 0.5); lambda1 comes from the shared softmax."""
-
-    def __init__(self, layer_number: int):
-        super().__init__()
-        self.layer_number = layer_number
-        # LearnablePlusShared.lambda1 of this model chunk, attached by the model (a bound method,
-        # so the shared module is not registered again under every layer)
-        self.lambda1_of: Optional[Callable[[int], Tensor]] = None
-        self.value_residual_lambda2 = _mark_replicated(nn.Parameter(torch.full((1,), 0.5)))
-
-    def forward(self) -> Tuple[Tensor, Tensor]:
-        return self.lambda1_of(self.layer_number), self.value_residual_lambda2[0]
-
-
-def residual_layers(model_cfg) -> Tuple[int, ...]:
+def mixing_layers_of(model_cfg) -> Tuple[int, ...]:
     """The 1-based layers that mix in V_1."""
-    if model_cfg.variant == "resformer" and model_cfg.lambda_mode == "sparse":
-        return tuple(model_cfg.sparse_layers())
-    return tuple(range(2, model_cfg.num_layers + 1))
+    return tuple(mixing_layers(model_cfg.variant, model_cfg.lambda_mode, model_cfg.num_layers,
+                               model_cfg.sparse_layers))
 
 
-def build_lambdas(model_cfg, layer_number: int) -> Optional[nn.Module]:
+def build_lambdas(model_cfg, layer_number: int) -> Optional[LayerLambdas]:
     """The lambda module of one ResFormer layer, or None where the layer does not mix."""
-    if layer_number not in residual_layers(model_cfg):
+    layers = mixing_layers_of(model_cfg)
+    if layer_number not in layers:
         return None
-    mode = model_cfg.lambda_mode
-    if mode in ("identity", "sparse"):
-        return FixedLambdas(0.5, 0.5)
-    if mode == "constant":
-        return FixedLambdas(model_cfg.lambda_constant, 1.0)
-    if mode == "learnable":
-        return LearnableLambdas(layer_number)
-    if mode == "learnable_plus":
-        return LearnablePlusLambdas(layer_number)
-    raise ValueError(f"unknown lambda_mode {mode!r}")
+    return LayerLambdas(MODES[model_cfg.lambda_mode], layer_number, layers.index(layer_number), len(layers),
+                        model_cfg.lambda_constant)
+
+
+def build_shared_lambdas(model_cfg) -> Optional[SharedLambdas]:
+    """The model-wide lambda parameters, or None where the mode has none."""
+    mode = MODES[model_cfg.lambda_mode]
+    if model_cfg.variant != "resformer" or not mode.model_params:
+        return None
+    return SharedLambdas(mode, len(mixing_layers_of(model_cfg)))

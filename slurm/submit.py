@@ -47,11 +47,6 @@ def exp_overrides(exp: str, runs: str):
     return [f"name={exp.replace('/', '-')}", f"logging.dir={runs}/{exp}", f"checkpoint.dir={runs}/{exp}/checkpoints"]
 
 
-def sweep_lines(path: Path):
-    lines = [line.strip() for line in path.read_text().splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
-
-
 def time_limit_seconds(limit: str) -> int:
     """sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
     days, _, rest = limit.partition("-") if "-" in limit else ("0", "", limit)
@@ -177,15 +172,20 @@ def main(argv=None) -> int:
             sweep = Path(args.sweep)
             if not sweep.is_file():
                 raise ConfigError(f"sweep file {sweep} not found")
-            lines = sweep_lines(sweep)
+            from rf_megatron.scaling.sweep import parse_line, run_lines  # one reader for local and SLURM sweeps
+
+            lines = run_lines(sweep)
             if not lines:
                 raise ConfigError(f"sweep file {sweep} holds no configurations")
             exp = args.exp or sweep.stem
             for i, line in enumerate(lines):
-                words = shlex.split(line)
+                try:
+                    preset, overrides = parse_line(line)
+                except ValueError as exc:
+                    raise ConfigError(f"{sweep} configuration {i}: {exc}") from None
                 if not args.no_check:
                     try:
-                        check(words[0], exp_overrides(f"{exp}/{i}", args.runs) + words[1:], world, layout,
+                        check(preset, exp_overrides(f"{exp}/{i}", args.runs) + overrides, world, layout,
                               args.engine)
                     except ConfigError as exc:
                         raise ConfigError(f"{sweep} configuration {i} ({line}): {exc}") from None

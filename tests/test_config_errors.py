@@ -36,8 +36,19 @@ def test_svformer_takes_no_lambda_mode():
 
 
 def test_sparse_layers_must_exist_and_skip_layer_one():
-    assert "residual_layers=[1, 3]" in error_of(ModelConfig(lambda_mode="sparse", residual_layers=[1, 3]))
-    assert "residual_layers=[9]" in error_of(ModelConfig(lambda_mode="sparse", residual_layers=[9]))
+    assert "sparse_layers=[1, 3]" in error_of(ModelConfig(lambda_mode="sparse", sparse_layers=[1, 3]))
+    assert "sparse_layers=[9]" in error_of(ModelConfig(lambda_mode="sparse", sparse_layers=[9]))
+    assert "sparse_layers=[]" in error_of(ModelConfig(lambda_mode="sparse", sparse_layers=[]))
+
+
+def test_the_old_residual_layers_key_still_works_with_a_one_line_note(capsys):
+    from rf_megatron.run_config import load_run_config
+
+    cfg = load_run_config("tiny_cpu", ["model.lambda_mode=sparse", "model.residual_layers=[3]"])
+    assert cfg.model.sparse_layers == [3]
+    assert capsys.readouterr().err == "note: model.residual_layers is deprecated, use model.sparse_layers (same meaning)\n"
+    with pytest.raises(ConfigError, match="model.residual_layers and model.sparse_layers are both set"):
+        load_run_config("tiny_cpu", ["model.residual_layers=[3]", "model.sparse_layers=[3]"])
 
 
 def test_layers_must_split_over_pipeline_stages():

@@ -9,6 +9,7 @@ the tokenizer, and the converters' one-line errors.
 """
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -31,7 +32,7 @@ VARIANTS = {
     "constant": {"model.lambda_mode": "constant", "model.lambda_constant": 1.7},
     "learnable": {"model.lambda_mode": "learnable"},
     "learnable_plus": {"model.lambda_mode": "learnable_plus"},
-    "sparse": {"model.lambda_mode": "sparse", "model.residual_layers": "[3]"},
+    "sparse": {"model.lambda_mode": "sparse", "model.sparse_layers": "[3]"},
     "svformer_gqa": {"model.variant": "svformer", "model.num_query_groups": 2},
     "identity_bf16": {"model.lambda_mode": "identity", "parallel.params_dtype": "bf16"},
 }
@@ -146,6 +147,54 @@ def test_single_process_load_fills_every_parameter(trained, megatron_single_rank
         assert not torch.equal(param, before[name]), f"{name} was not loaded"
     lam2 = loaded.decoder.layers[2].self_attention.value_lambdas.value_residual_lambda2
     assert abs(float(lam2) - 0.5) > 0.05  # the perturbed value, not the init
+
+
+def test_a_new_lambda_mode_is_one_entry_in_the_spec(megatron_single_rank, tokens, tmp_path, monkeypatch):
+    """A mode added to value_residual_spec.MODES alone (new per-layer and model-wide parameter names) builds in
+    Megatron, gets gradients there, counts in parameter_counts, and maps to an HF model with the same logits."""
+    from rf_megatron.config import ModelConfig, ParallelConfig, build_transformer_config
+    from rf_megatron.flops import parameter_counts
+    from rf_megatron.hf import value_residual_spec as spec
+    from rf_megatron.hf.export import megatron_logits, megatron_state, write_model_files
+    from rf_megatron.hf.weights import hf_to_megatron, megatron_to_hf
+    from rf_megatron.model import build_model_chunks
+
+    convex = spec.LambdaMode(
+        "convex", "lambda1_n = sigmoid(z)_n, lambda2_n = g_n * (1 - lambda1_n)",
+        lambda own, shared, constant: (shared, own["value_residual_gain"][0] * (1 - shared)),
+        layer_params=(spec.Param("value_residual_gain", lambda n: 1, lambda n: 1.0),),
+        model_params=(spec.Param("value_residual_mix_logits", lambda n: n, lambda n: 0.0),),
+        shared_values=lambda p: torch.sigmoid(p["value_residual_mix_logits"]))
+    monkeypatch.setitem(spec.MODES, "convex", convex)
+    cfg = ModelConfig(num_layers=3, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96, vocab_size=VOCAB,
+                      seq_length=32, variant="resformer", lambda_mode="convex")
+    cfg.validate(ParallelConfig())
+    torch.manual_seed(0)
+    model = build_model_chunks(cfg, build_transformer_config(cfg, ParallelConfig(), cpu=True))[0]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "value_residual" in name:
+                p.copy_(p + 0.3 * torch.randn_like(p))
+    seq = tokens.shape[1]
+    model(tokens, torch.arange(seq).expand(tokens.shape[0], -1),
+          torch.ones(1, 1, seq, seq, dtype=torch.bool).triu(1)).float().logsumexp(-1).mean().backward()
+    lambdas = {n: p for n, p in model.named_parameters() if "value_residual" in n}
+    assert sorted(lambdas) == ["decoder.layers.1.self_attention.value_lambdas.value_residual_gain",
+                               "decoder.layers.2.self_attention.value_lambdas.value_residual_gain",
+                               "value_residual_plus.value_residual_mix_logits"]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lambdas.values())
+    assert parameter_counts(cfg).total == sum(p.numel() for p in model.parameters())
+    model.eval()
+    state = megatron_state(model)
+    hf_state = megatron_to_hf(state, cfg)
+    write_model_files(tmp_path, hf_state, cfg, {"bos": 2, "eos": 3, "pad": 0}, "fp32", 10**9)
+    from rf_megatron.hf.modeling_rfgpt import RFGPTForCausalLM  # the package's classes read the patched MODES
+
+    hf = RFGPTForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (hf(tokens).logits - megatron_logits(model, tokens)).abs().max().item() <= 1e-4
+    back = hf_to_megatron(hf_state, cfg)
+    assert sorted(back) == sorted(state) and all(torch.equal(back[k], state[k]) for k in state)
 
 
 @pytest.mark.parametrize("case", [
@@ -592,3 +641,100 @@ def test_exit_code_2_from_the_command_line(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint_to_hf.py"), "--checkpoint",
                            tmp_path / "nope", "--output", tmp_path / "out"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: checkpoint {tmp_path / 'nope'}: no such directory"
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluating an exported folder (tools/evaluate.py): lm-evaluation-harness and held-out perplexity
+# --------------------------------------------------------------------------------------------------
+EVAL_TASKS = REPO / "tests" / "data" / "eval_tasks"  # rf_tiny_choice: 6 multiple-choice questions, offline
+
+
+def evaluate_cli(*args):
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    return proc
+
+
+def own_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """log p(continuation | context), tokenized as a causal LM scores it: the pair encoded whole, then split."""
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), dim=-1)
+    return sum(float(logp[i - 1, whole[i]]) for i in range(n_context, len(whole)))
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "learnable_plus"])
+def test_lm_eval_loglikelihoods_equal_the_models_own(variant, exported, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder, _ = exported[variant]
+    proc = evaluate_cli(folder, "--tasks", "rf_tiny_choice", "--include-path", EVAL_TASKS, "--output", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["n-samples"]["rf_tiny_choice"]["effective"] == 6
+    rows = [json.loads(line) for line in (tmp_path / "samples_rf_tiny_choice.jsonl").read_text().splitlines()]
+    model, tokenizer = load_hf(folder), AutoTokenizer.from_pretrained(str(folder))
+    checked = 0
+    for row in rows[:3]:
+        for (context, continuation), resp in zip(row["arguments"], row["resps"]):
+            assert resp[0][0] == pytest.approx(own_loglikelihood(model, tokenizer, context, continuation), abs=1e-4)
+            checked += 1
+        best = max(range(len(row["resps"])), key=lambda i: row["resps"][i][0][0])
+        assert row["acc"] == float(best == row["target"])
+    assert checked == 9
+    assert results["results"]["rf_tiny_choice"]["acc,none"] == pytest.approx(sum(r["acc"] for r in rows) / 6)
+
+
+def test_held_out_perplexity_scores_the_validation_documents_in_windows(exported, data, tmp_path):
+    from rf_megatron.indexed_data import split_token_counts, split_tokens
+
+    folder, _ = exported["learnable_plus"]
+    proc = evaluate_cli(folder, "--perplexity", data / "corpus", "--split", "90,10,0", "--seq-length", 32,
+                        "--max-tokens", 90, "--output", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads((tmp_path / "perplexity.json").read_text())
+    held_out = split_tokens(data / "corpus", (90, 10, 0), part=1)
+    assert split_token_counts(data / "corpus", (90, 10, 0))[1][1] == len(held_out) > 90
+    model, nll = load_hf(folder), 0.0
+    for begin, end in ((0, 32), (32, 64), (64, 90)):  # three windows, the last shorter (padded in the batch)
+        nll -= own_loglikelihood_of_ids(model, [int(t) for t in held_out[begin:end]])
+    assert got["tokens"] == 31 + 31 + 25 and got["windows"] == 3
+    assert got["loss"] == pytest.approx(nll / 87, abs=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(nll / 87), rel=1e-5)
+
+
+def own_loglikelihood_of_ids(model, ids) -> float:
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+    return sum(float(logp[i - 1, ids[i]]) for i in range(1, len(ids)))
+
+
+def test_perplexity_of_a_text_file_reports_bits_per_byte(exported, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder, _ = exported["vanilla"]
+    text = "the king spoke to the fair lady and the noble lord"
+    (tmp_path / "notes.txt").write_text(text + "\n")
+    proc = evaluate_cli(folder, "--perplexity", tmp_path / "notes.txt", "--output", tmp_path / "eval")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads((tmp_path / "eval" / "perplexity.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []  # a document ends with EOS
+    ids = tokenizer(text + "\n", add_special_tokens=False)["input_ids"] + eos  # a text file's line keeps its newline
+    nll = -own_loglikelihood_of_ids(load_hf(folder), ids)
+    assert got["tokens"] == len(ids) - 1
+    assert got["nll_sum"] == pytest.approx(nll, abs=1e-4)
+    assert got["bits_per_byte"] == pytest.approx(nll / math.log(2) / len((text + "\n").encode()), rel=1e-5)
+
+
+def test_evaluate_errors_are_one_line(exported, tmp_path):
+    folder, _ = exported["vanilla"]
+    for args, message in (
+            ((tmp_path, "--tasks", "x"), "no config.json"),
+            ((folder, "--tasks", "no_such_task_xyz"), "unknown task(s) no_such_task_xyz"),
+            ((folder, "--perplexity", tmp_path / "missing"), "no such file, and no indexed dataset"),
+            ((folder, "--perplexity", tmp_path / "missing", "--split", "1,2"), "three non-negative weights")):
+        proc = evaluate_cli(*args)
+        assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and message in proc.stderr, args
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

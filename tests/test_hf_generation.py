@@ -20,7 +20,7 @@ VARIANTS = {
     "constant": dict(lambda_mode="constant", lambda_constant=0.7),
     "learnable": dict(lambda_mode="learnable"),
     "learnable_plus": dict(lambda_mode="learnable_plus"),
-    "sparse": dict(lambda_mode="sparse", residual_layers=[3, 4]),
+    "sparse": dict(lambda_mode="sparse", sparse_layers=[3, 4]),
     "svformer": dict(variant="svformer"),
     "svformer_gqa": dict(variant="svformer", num_key_value_heads=2),
 }

@@ -25,13 +25,21 @@ LAYOUTS = {
     "dp2_distopt": (2, ["--dist-opt"]),
     "tp2_pp2_full_recompute": (4, ["--tp", 2, "--pp", 2, "--recompute", "full"]),
     "tp2_selective_recompute": (2, ["--tp", 2, "--recompute", "selective"]),
+    # q/k layernorm (replicated over TP, gradients summed; sequence-parallel inputs) on three variants
+    "tp2_sp_qk_layernorm": (2, ["--tp", 2, "--sp", "--qk-layernorm", "--variants", "vanilla,learnable_plus,svformer_gqa"]),
 }
 _cache = {}
 
 
+def reference_of(layout: str) -> str:
+    """The TP1 x PP1 run a layout is compared with: the same model options (all variants, or the q/k-norm three)."""
+    return "reference_qk_layernorm" if "--qk-layernorm" in LAYOUTS[layout][1] else "reference"
+
+
 def run_layout(name, tmp_root):
     if name not in _cache:
-        nproc, args = (1, []) if name == "reference" else LAYOUTS[name]
+        references = {"reference": [], "reference_qk_layernorm": LAYOUTS["tp2_sp_qk_layernorm"][1][3:]}
+        nproc, args = (1, references[name]) if name in references else LAYOUTS[name]
         out = tmp_root / name
         torchrun(SCRIPT, nproc, *args, "--out", out)
         merged = {}
@@ -60,10 +68,11 @@ COMPOSED_ELSEWHERE = {"tp2", "pp2", "tp2_pp2"}
 @pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.composed_elsewhere)
                                     if name in COMPOSED_ELSEWHERE else name for name in LAYOUTS])
 def test_layout_matches_single_process(layout, tmp_root):
-    ref = run_layout("reference", tmp_root)
+    ref = run_layout(reference_of(layout), tmp_root)
     got = run_layout(layout, tmp_root)
     failures = []
-    for variant in VARIANTS:
+    assert set(got) == set(ref) and set(got) <= set(VARIANTS)
+    for variant in got:
         r, g = ref[variant], got[variant]
         if not torch.allclose(torch.tensor(g["losses"]), torch.tensor(r["losses"]), rtol=1e-5, atol=1e-6):
             failures.append(f"{variant}: losses {g['losses']} != {r['losses']}")

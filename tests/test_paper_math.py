@@ -42,7 +42,8 @@ def lambdas(cfg, sd, n):
     """(lambda1, lambda2) of layer n (1-based), or None for plain attention."""
     if cfg.variant != "resformer":
         return None
-    if cfg.lambda_mode == "sparse" and n not in cfg.sparse_layers():
+    chosen = cfg.sparse_layers if cfg.sparse_layers is not None else range(cfg.num_layers // 2 + 1, cfg.num_layers + 1)
+    if cfg.lambda_mode == "sparse" and n not in chosen:  # the paper's default: the last half
         return None
     prefix = f"decoder.layers.{n - 1}.self_attention.value_lambdas."
     return {
@@ -97,7 +98,7 @@ CASES = {
     "constant": dict(variant="resformer", lambda_mode="constant", lambda_constant=1.7),
     "learnable": dict(variant="resformer", lambda_mode="learnable"),
     "learnable_plus": dict(variant="resformer", lambda_mode="learnable_plus"),
-    "sparse": dict(variant="resformer", lambda_mode="sparse", residual_layers=[3]),
+    "sparse": dict(variant="resformer", lambda_mode="sparse", sparse_layers=[3]),
     "svformer": dict(variant="svformer"),
     "svformer_gqa": dict(variant="svformer", num_query_groups=2),
     "identity_gqa": dict(variant="resformer", lambda_mode="identity", num_query_groups=2),

@@ -71,8 +71,13 @@ KEEP_STEP_5 = {"checkpoint.save_interval": 5, "checkpoint.keep_last": 0}
 def uninterrupted(data, tmp_path_factory):
     """12 steps, TP2, with wandb (offline); checkpoints at steps 5, 10 and 12 (the resume tests start from 5)."""
     run = tmp_path_factory.mktemp("uninterrupted")
-    train(data, run, **{"logging.wandb_project": "rf-test", **KEEP_STEP_5})
+    begin = time.time()
+    train(data, run, **{"logging.wandb_project": "rf-test", "logging.peak_tflops": PEAK_TFLOPS, **KEEP_STEP_5})
+    (run / "wall_seconds").write_text(str(time.time() - begin))
     return run
+
+
+PEAK_TFLOPS = 0.05  # logging.peak_tflops of the run above: what a CPU has no table entry for
 
 
 @pytest.mark.mcore_api
@@ -84,6 +89,31 @@ def test_jsonl_holds_every_log_step(uninterrupted):
     assert any("valid_loss" in r for r in rows)
     lambdas = [r for r in rows if "lambda1/layer2" in r]
     assert [r["step"] for r in lambdas] == [4, 8, 12] and "lambda2/layer4" in lambdas[0]
+
+
+@pytest.mark.mcore_api
+def test_throughput_tflops_and_mfu_follow_the_flop_formula_and_the_step_times(uninterrupted):
+    from rf_megatron.flops import training_flops_per_token
+    from rf_megatron.run_config import load_run_config
+
+    cfg = load_run_config(str(uninterrupted / "ckpt" / "iter_0000012" / "run_config.yaml"))
+    m, world = cfg.model, 2
+    assert m.swiglu and m.kv_heads == m.num_attention_heads and m.variant == "resformer"
+    h, ffn, L, s = m.hidden_size, m.ffn_hidden_size, m.num_layers, m.seq_length
+    # 6 N for the matmul weights N (QKV, output projection, SwiGLU MLP, logits) plus attention's QK^T and AV
+    # (2 x 2 s h per token and layer forward, x3 with backward)
+    n_matmul = L * (4 * h * h + 3 * h * ffn) + m.vocab_size * h
+    per_token = training_flops_per_token(m)
+    assert per_token == pytest.approx(6 * n_matmul + 3 * 4 * L * s * h, rel=1e-9)
+    rows = [json.loads(line) for line in open(uninterrupted / "log" / "metrics.jsonl")]
+    rows = [r for r in rows if "last_loss" in r]
+    tokens_per_step = cfg.train.global_batch_size * m.seq_length
+    for r in rows:
+        assert r["tflops_per_device"] == pytest.approx(r["tokens_per_s"] * per_token / world / 1e12, rel=1e-9)
+        assert r["mfu"] == pytest.approx(r["tflops_per_device"] / PEAK_TFLOPS, rel=1e-9)
+    # tokens/s counts the steps' own time (log_interval 1: one step per row): their sum fits in the run's wall time
+    step_seconds = sum(tokens_per_step / r["tokens_per_s"] for r in rows)
+    assert len(rows) == STEPS and 0 < step_seconds < float((uninterrupted / "wall_seconds").read_text())
 
 
 @pytest.mark.mcore_api

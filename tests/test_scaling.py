@@ -143,6 +143,17 @@ def test_plan_lines_tokens_and_header(tmp_path):
     assert len(meta["runs"]) == len(lines) and meta["spec"]["flops_rule"] == "exact"
 
 
+def test_a_quoted_value_in_a_sweep_line_is_one_word_locally_as_on_slurm():
+    from rf_megatron.scaling.sweep import load_line, parse_line
+
+    line = "tiny_cpu 'name=two words' logging.wandb_project=null"
+    assert parse_line(line) == ("tiny_cpu", ["name=two words", "logging.wandb_project=null"])
+    assert parse_line(line)[1] == shlex.split(line)[1:]  # what slurm/sweep.sbatch hands the trainer
+    assert load_line(line).name == "two words"
+    with pytest.raises(ValueError, match="No closing quotation"):
+        parse_line("tiny_cpu 'name=two words")
+
+
 def test_plan_6n_rule_and_refusals(tmp_path):
     from rf_megatron.scaling.sweep import load_line, run_lines
 

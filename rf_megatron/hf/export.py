@@ -10,9 +10,7 @@ output and renamed at the end.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
 import time
@@ -22,267 +20,13 @@ from typing import Dict, Optional
 import torch
 
 from ..checkpoint_dir import verify_checkpoint
-from .weights import (AUTO_MAP, RFGPT_FILES, ConversionError, check_exportable, global_names_to_hf, hf_config_kwargs,
-                      lambda_table, layer_to_hf, uses_remote_code)
-
-HERE = Path(__file__).resolve().parent
-RUN_CONFIG_COPY = "rf_megatron_run_config.yaml"
-TRAIN_STATE_COPY = "rf_megatron_train_state.json"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from .folder import (DTYPES, RUN_CONFIG_COPY, TRAIN_STATE_COPY, fresh_tmp, model_card, publish,  # noqa: F401
+                     write_config_files, write_model_files)
+from .source_checkpoint import (check_shard_files, find_tokenizer, load_megatron_model, megatron_logits,  # noqa: F401
+                                megatron_single_process, megatron_state, read_run_config, resolve_checkpoint)
+from .weights import ConversionError, global_names_to_hf, lambda_table, layer_to_hf, uses_remote_code
 VERIFY_MODES = ("auto", "logits", "weights", "none")
 LOGITS_CHECK_MAX_BYTES = 4 * 10**9  # --verify auto: the logits check holds both models (~3x the fp32 weights)
-
-
-# --------------------------------------------------------------------------------------------------
-# Finding and checking a checkpoint (no Megatron import: errors come fast)
-# --------------------------------------------------------------------------------------------------
-def resolve_checkpoint(path) -> Path:
-    """A checkpoint root (follows `latest`) or an `iter_N` directory -> the iter directory, checked
-    for completeness."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ConversionError(f"checkpoint {path}: no such directory")
-    if (path / "latest").exists():
-        name = (path / "latest").read_text().strip()
-        it = path / name
-        if not it.is_dir():
-            raise ConversionError(f"incomplete checkpoint: {path}/latest names {name}, which does not exist")
-    elif path.name.startswith("iter_"):
-        it = path
-    else:
-        raise ConversionError(f"checkpoint {path}: neither a checkpoint root (no 'latest' file) nor an iter_N directory")
-    if it.name.endswith(".tmp"):
-        raise ConversionError(f"incomplete checkpoint {it}: a save that never finished (.tmp)")
-    for name in ("train_state.json", "run_config.yaml", "metadata.json", ".metadata"):
-        if not (it / name).exists():
-            raise ConversionError(f"incomplete checkpoint {it}: no {name}")
-    return it
-
-
-def check_shard_files(it: Path) -> None:
-    """Every data file named by the torch_dist metadata must exist."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    from ..safe_metadata import UnsafeCheckpoint, install
-
-    install()  # opening a checkpoint never runs code (rf_megatron/safe_metadata.py)
-    try:
-        metadata = FileSystemReader(str(it)).read_metadata()
-    except UnsafeCheckpoint as exc:
-        raise ConversionError(str(exc)) from None
-    except Exception as exc:  # a truncated or foreign .metadata
-        raise ConversionError(f"incomplete checkpoint {it}: cannot read .metadata ({type(exc).__name__})") from None
-    files = sorted({info.relative_path for info in (metadata.storage_data or {}).values()})
-    missing = [f for f in files if not (it / f).exists()]
-    if missing:
-        raise ConversionError(f"incomplete checkpoint {it}: missing {', '.join(missing[:4])}"
-                              + (" ..." if len(missing) > 4 else ""))
-
-
-def read_run_config(it: Path):
-    from ..config import LAMBDA_MODES, VARIANTS, ConfigError
-    from ..run_config import load_run_config
-
-    try:
-        cfg = load_run_config(str(it / "run_config.yaml"))
-    except ConfigError as exc:
-        raise ConversionError(f"{it}/run_config.yaml: {exc}") from None
-    model = cfg.model
-    if model.variant not in VARIANTS:
-        raise ConversionError(f"unknown variant {model.variant!r} in {it}/run_config.yaml "
-                              f"(known: {', '.join(VARIANTS)})")
-    if model.variant == "resformer" and model.lambda_mode not in LAMBDA_MODES:
-        raise ConversionError(f"unknown lambda_mode {model.lambda_mode!r} in {it}/run_config.yaml "
-                              f"(known: {', '.join(LAMBDA_MODES)})")
-    check_exportable(model)
-    return cfg
-
-
-def find_tokenizer(cfg, override: Optional[str]) -> Optional[Path]:
-    """--tokenizer, else the run config's; None when neither names one (a weights-only export)."""
-    path = override or cfg.data.tokenizer_model
-    if not path:
-        return None
-    if not Path(path).is_file():
-        raise ConversionError(f"missing tokenizer: {path} not found (pass --tokenizer PATH to the SentencePiece "
-                              "model, or --no-tokenizer for the weights alone)")
-    return Path(path)
-
-
-# --------------------------------------------------------------------------------------------------
-# Megatron in one CPU process
-# --------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def megatron_single_process():
-    """CPU mode, a 1-rank gloo group and TP1 x PP1 model-parallel state (reusing what exists). Conversion runs
-    on the CPU by design, on any machine: it holds one layer's weights at a time, not a training job's GPUs."""
-    import torch.distributed as dist
-
-    from ..device import select_device
-
-    select_device(cpu=True, why_cpu="checkpoint conversion")
-    own_group = not dist.is_initialized()
-    if own_group:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    elif dist.get_world_size() != 1:
-        raise ConversionError("the converter runs in ONE process (found a process group of "
-                              f"{dist.get_world_size()}); do not launch it with torchrun")
-    from megatron.core import parallel_state, tensor_parallel
-
-    own_mp = not parallel_state.model_parallel_is_initialized()
-    if own_mp:
-        parallel_state.initialize_model_parallel()
-        tensor_parallel.model_parallel_cuda_manual_seed(0)
-    elif (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()) != (1, 1):
-        raise ConversionError("model parallel state is already initialised with TP/PP > 1")
-    try:
-        yield
-    finally:
-        if own_mp:
-            parallel_state.destroy_model_parallel()
-        if own_group:
-            dist.destroy_process_group()
-
-
-def load_megatron_model(it: Path, cfg):
-    """The TP1 x PP1 model with the checkpoint's weights (call inside megatron_single_process)."""
-    from megatron.core import dist_checkpointing
-
-    from ..config import ParallelConfig, build_transformer_config
-    from ..model import build_model_chunks
-
-    parallel = ParallelConfig()  # fp32; dist_checkpointing casts bf16 checkpoints on load
-    model = build_model_chunks(cfg.model, build_transformer_config(cfg.model, parallel, cpu=True))[0]
-    from ..safe_metadata import install
-
-    install()
-    try:
-        loaded = dist_checkpointing.load({"model0": model.sharded_state_dict()}, str(it))
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConversionError(f"cannot load the model from {it}: {first[:300]}") from None
-    model.load_state_dict(loaded["model0"])
-    model.eval()
-    return model
-
-
-def megatron_state(model) -> Dict[str, torch.Tensor]:  # the in-memory mapping, for tests
-    return {k: v.detach() for k, v in model.state_dict().items()
-            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
-
-
-def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
-    seq = tokens.shape[1]
-    mask = torch.ones(1, 1, seq, seq, dtype=torch.bool).triu(1)
-    positions = torch.arange(seq).expand(tokens.shape[0], -1)
-    with torch.no_grad():
-        return model(tokens, positions, mask).float()
-
-
-# --------------------------------------------------------------------------------------------------
-# The HF folder
-# --------------------------------------------------------------------------------------------------
-def build_hf_config(model, special: Dict[str, Optional[int]], dtype: str):
-    """LlamaConfig / RFGPTConfig of a model config; what transformers' validation refuses (e.g.
-    initializer_range > 1) is a one-line ConversionError."""
-    from huggingface_hub.errors import StrictDataclassError
-
-    kwargs = hf_config_kwargs(model, special)
-    try:
-        if uses_remote_code(model):
-            from .configuration_rfgpt import RFGPTConfig
-
-            config = RFGPTConfig(**kwargs)
-            config.architectures = ["RFGPTForCausalLM"]
-            config.auto_map = dict(AUTO_MAP)
-        else:
-            from transformers import LlamaConfig
-
-            config = LlamaConfig(**kwargs)
-            config.architectures = ["LlamaForCausalLM"]
-    except (ValueError, StrictDataclassError) as exc:
-        raise ConversionError("the HF config cannot take this model: "
-                              + " ".join(line.strip() for line in str(exc).splitlines() if line.strip())) from None
-    config.dtype = "float32" if dtype == "fp32" else "bfloat16"
-    return config
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.4f}"
-
-
-def model_card(cfg, train_state: dict, params: int, lambdas, remote: bool, dtype: str, source: Path,
-               engine: Optional[str] = None, tokenizer: bool = True) -> str:
-    """README.md of an HF folder. `engine`: the DeepSpeed trainer's layout (None: a Megatron export)."""
-    m, p, o, t = cfg.model, cfg.parallel, cfg.optim, cfg.train
-    variant = {"vanilla": "vanilla (Llama-style baseline)",
-               "resformer": f"ResFormer, lambda_mode={m.lambda_mode}",
-               "svformer": "SVFormer (layers >= 2 share layer 1's values; no value projection)"}[m.variant]
-    lines = [
-        f"# {cfg.name} ({m.variant})", "",
-        "A value-residual GPT ([arXiv 2410.17897](https://arxiv.org/abs/2410.17897)) trained with rf-megatron "
-        + ("(Megatron-Core) and converted with `tools/convert_checkpoint_to_hf.py`." if engine is None else
-           "(DeepSpeed, `pretrain/pretrain_hf_deepspeed.py`)."), "",
-        f"- variant: {variant}",
-        f"- parameters: {params:,} ({dtype})",
-        f"- shape: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, "
-        f"{m.kv_heads} KV heads, FFN {m.ffn_hidden_size or 4 * m.hidden_size} (SwiGLU), RMSNorm, RoPE base "
-        f"{m.rotary_base}, vocab {m.vocab_size}, {'untied' if m.untie_embeddings_and_output_weights else 'tied'} "
-        f"embeddings{', q/k layernorm' if m.qk_layernorm else ''}",
-    ]
-    if m.variant == "resformer":
-        lines += ["", "## Value-residual lambdas", "",
-                  "V'_n = lambda1 * V_1 + lambda2 * V_n for the layers listed (1-based); other layers are plain "
-                  "attention." + (" Values read from the weights." if m.lambda_mode in ("learnable", "learnable_plus") else ""),
-                  "", "| layer | lambda1 | lambda2 |", "|---|---|---|"]
-        lines += [f"| {n} | {_fmt(a)} | {_fmt(b)} |" for n, (a, b) in sorted(lambdas.items())]
-    elif m.variant == "svformer":
-        lines += ["", "SVFormer's KV cache (`SharedValueCache` in modeling_rfgpt.py) stores the keys of every "
-                  "layer and the values once: (L+1)/(2L) of a vanilla model's cache."]
-    lines += [
-        "", "## Training", "",
-        f"- steps: {train_state.get('step')} ({train_state.get('consumed_samples')} samples of "
-        f"{m.seq_length} tokens), global batch {t.global_batch_size}, micro batch {t.micro_batch_size}",
-        f"- optimizer: AdamW lr {o.lr} -> {o.min_lr} ({o.lr_decay_style}, {o.lr_warmup_steps} warmup steps), "
-        f"betas ({o.adam_beta1}, {o.adam_beta2}), weight decay {o.weight_decay}, clip {o.clip_grad}",
-        (f"- layout: {engine}, {p.params_dtype}" if engine else
-         f"- layout: TP{p.tensor_parallel} x PP{p.pipeline_parallel}"
-         + (f" x VPP{p.virtual_pipeline_parallel}" if p.virtual_pipeline_parallel else "")
-         + f", {p.params_dtype}" + (", distributed optimizer" if p.distributed_optimizer else "")),
-        f"- data: {', '.join(str(x) for x in cfg.data.paths) or '-'}; tokenizer "
-        + (Path(str(cfg.data.tokenizer_model)).name if tokenizer else "not included (weights-only export)"),
-        f"- source checkpoint: `{source}`; the full run config is in `{RUN_CONFIG_COPY}`",
-        "", "## Use", "", "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        "tok = AutoTokenizer.from_pretrained(path" + (", trust_remote_code=True)" if remote else ")"),
-        "model = AutoModelForCausalLM.from_pretrained(path" + (", trust_remote_code=True)" if remote else ")"),
-        "out = model.generate(**tok(\"the king\", return_tensors=\"pt\"), max_new_tokens=32, do_sample=False)",
-        "print(tok.decode(out[0]))", "```", "",
-        "The tokenizer adds no BOS/EOS (the pretraining data had none; `</s>` separated documents).", "",
-    ]
-    return "\n".join(lines)
-
-
-def write_config_files(folder: Path, model, special: Dict[str, Optional[int]], dtype: str) -> None:
-    """config.json (+ the RFGPT code files) and generation_config.json."""
-    from transformers import GenerationConfig
-
-    build_hf_config(model, special, dtype).save_pretrained(str(folder))
-    if uses_remote_code(model):
-        for name in RFGPT_FILES:
-            shutil.copyfile(HERE / name, folder / name)
-    GenerationConfig(bos_token_id=special.get("bos"), eos_token_id=special.get("eos"),
-                     pad_token_id=special.get("pad"), do_sample=False).save_pretrained(str(folder))
-
-
-def write_model_files(folder: Path, hf_state, model, special: Dict[str, Optional[int]], dtype: str,
-                      shard_bytes: int):
-    """The config files and the sharded safetensors of an in-memory HF state dict."""
-    from .safetensors_io import save_sharded
-
-    write_config_files(folder, model, special, dtype)
-    return save_sharded(hf_state, folder, shard_bytes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -360,27 +104,6 @@ def verify_weights(folder: Path, tensors, model, from_global: Dict[str, str]) ->
     return len(weight_map)
 
 
-def _fresh_tmp(output: Path) -> Path:
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def publish(tmp: Path, output: Path, force: bool) -> None:
-    """Rename the finished temp folder into place (replacing an old output only with force)."""
-    old = None
-    if output.exists():
-        if not force:
-            raise ConversionError(f"output {output} exists (pass --force to replace it)")
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        output.rename(old)
-    tmp.rename(output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def verify_folder(folder: Path, model, cfg, dtype: str, seed: int = 0, atol: float = 1e-4) -> float:
     """Max |HF logits - Megatron logits| on random tokens (HF loaded from `folder` in fp32; for a
     bf16 export the Megatron weights are rounded to bf16 first). Raises if above atol."""
@@ -433,7 +156,7 @@ def export(checkpoint, output, dtype: str = "fp32", max_shard_size="5GB", tokeni
     if problem:
         raise ConversionError(f"damaged checkpoint: {problem} (manifest.json)")
 
-    tmp = _fresh_tmp(output)
+    tmp = fresh_tmp(output)
     try:
         tensors = DistCheckpointTensors(it)
         shapes, from_global = plan_hf_tensors(tensors, cfg.model, DTYPES[dtype])

@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 import torch
 import yaml
 
-from .export import RUN_CONFIG_COPY, publish
+from .folder import RUN_CONFIG_COPY, publish
 from .weights import ConversionError, hf_to_megatron, model_config_from_hf
 
 REPO = Path(__file__).resolve().parents[2]

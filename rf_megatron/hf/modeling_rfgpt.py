@@ -11,8 +11,9 @@ The mix happens on the new tokens' values, after the projections and before the 
 cache (`SharedValueCache`) holds the keys of every layer and the values ONCE (layer 1's): L layers of
 K plus one of V, (L+1)/(2L) of a Llama cache of the same shape.
 
-This file is copied next to exported weights and loaded with `trust_remote_code=True`; it imports
-only torch and transformers (and its sibling configuration file).
+The lambda modes (their parameters, init and rule) come from value_residual_spec.py, the method's one
+description, shared with the Megatron model. This file is copied next to exported weights (with its sibling
+configuration and spec files) and loaded with `trust_remote_code=True`; it imports only torch and transformers.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_rfgpt import RFGPTConfig
+from .value_residual_spec import (MODES, has_value_projection, layer_param_names, mix_values, model_param_names,
+                                  new_parameters)
 
 # transformers 5.24 renamed the cache argument `past_key_values` -> `cache` (forward arguments, model outputs,
 # generate()'s model_kwargs, create_causal_mask); 5.10-5.23 know only the old name. We accept both from
@@ -143,9 +146,10 @@ class RFGPTAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        residual = (layer_idx + 1) in config.value_residual_layers()
-        self.shares_v1 = config.variant == "svformer" and residual
-        self.mixes_v1 = config.variant == "resformer" and residual
+        mixing = config.value_residual_layers()
+        self.shares_v1 = not has_value_projection(config.variant, layer_idx + 1)
+        self.mixes_v1 = config.variant == "resformer" and (layer_idx + 1) in mixing
+        self.mixing_index = mixing.index(layer_idx + 1) if self.mixes_v1 else None
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
@@ -154,28 +158,25 @@ class RFGPTAttention(nn.Module):
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
         self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_layernorm else None
         self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_layernorm else None
-        self.value_residual_lambdas = None  # learnable: [lambda1, lambda2]
-        self.value_residual_lambda2 = None  # learnable_plus: [lambda2] (lambda1 comes from the model)
-        if self.mixes_v1 and config.lambda_mode == "learnable":
-            self.value_residual_lambdas = nn.Parameter(torch.full((2,), 0.5))
-        elif self.mixes_v1 and config.lambda_mode == "learnable_plus":
-            self.value_residual_lambda2 = nn.Parameter(torch.full((1,), 0.5))
+        # the lambda mode's per-layer parameters (learnable: value_residual_lambdas = [lambda1, lambda2];
+        # learnable_plus: value_residual_lambda2), None where this layer or mode has none
+        self.mode = MODES[config.lambda_mode]
+        for name in layer_param_names():
+            setattr(self, name, None)
+        if self.mixes_v1:
+            for name, param in new_parameters(self.mode.layer_params, len(mixing)).items():
+                setattr(self, name, param)
 
-    def lambdas(self, lambda1_plus: torch.Tensor | None):
-        mode = self.config.lambda_mode
-        if mode in ("identity", "sparse"):
-            return 0.5, 0.5
-        if mode == "constant":
-            return self.config.lambda_constant, 1.0
-        if mode == "learnable":
-            return self.value_residual_lambdas[0], self.value_residual_lambdas[1]
-        return lambda1_plus, self.value_residual_lambda2[0]
+    def lambdas(self, shared_lambda: torch.Tensor | None):
+        """(lambda1, lambda2) of this layer; `shared_lambda` is its share of the model-wide parameters."""
+        own = {p.name: getattr(self, p.name) for p in self.mode.layer_params}
+        return self.mode.pair(own, shared_lambda, self.config.lambda_constant)
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         v_first: torch.Tensor | None = None,
-        lambda1_plus: torch.Tensor | None = None,
+        shared_lambda: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
@@ -198,8 +199,7 @@ class RFGPTAttention(nn.Module):
             if self.layer_idx == 0:
                 v1 = value_states
             elif self.mixes_v1:  # ResFormer: mix the new tokens' values before they enter the cache
-                lambda1, lambda2 = self.lambdas(lambda1_plus)
-                value_states = lambda1 * v_first + lambda2 * value_states
+                value_states = mix_values(v_first, value_states, *self.lambdas(shared_lambda))
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
@@ -239,7 +239,7 @@ class RFGPTDecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         v_first: torch.Tensor | None = None,
-        lambda1_plus: torch.Tensor | None = None,
+        shared_lambda: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
@@ -247,14 +247,14 @@ class RFGPTDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`v_first` and `lambda1_plus` are positional so that gradient checkpointing sees them as inputs.
+        """`v_first` and `shared_lambda` are positional so that gradient checkpointing sees them as inputs.
         Returns (hidden states, V_1 if this is layer 1 else None)."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _, v1 = self.self_attn(
             hidden_states,
             v_first,
-            lambda1_plus,
+            shared_lambda,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
@@ -290,14 +290,13 @@ class RFGPTPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, RFGPTAttention):
-            if module.value_residual_lambdas is not None:
-                init.constant_(module.value_residual_lambdas, 0.5)
-            if module.value_residual_lambda2 is not None:
-                init.constant_(module.value_residual_lambda2, 0.5)
-        elif isinstance(module, RFGPTModel) and module.value_residual_logits is not None:
-            init.zeros_(module.value_residual_logits)
-            init.constant_(module.value_residual_scale, float(len(self.config.value_residual_layers())))
+        count = len(self.config.value_residual_layers())
+        mode = MODES[self.config.lambda_mode]
+        params = (mode.layer_params if isinstance(module, RFGPTAttention) else
+                  mode.model_params if isinstance(module, RFGPTModel) else ())
+        for p in params:
+            if getattr(module, p.name, None) is not None:
+                init.constant_(getattr(module, p.name), float(p.init(count)))
 
 
 class RFGPTModel(RFGPTPreTrainedModel):
@@ -312,12 +311,15 @@ class RFGPTModel(RFGPTPreTrainedModel):
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
-        # learnable_plus: lambda1_n = s * softmax(z)_n over the residual layers
-        self.value_residual_logits = self.value_residual_scale = None
-        if config.variant == "resformer" and config.lambda_mode == "learnable_plus":
+        # the lambda mode's model-wide parameters (learnable_plus: value_residual_logits z and _scale s,
+        # lambda1_n = s * softmax(z)_n over the mixing layers), None where the mode has none
+        self.lambda_mode = MODES[config.lambda_mode]
+        for name in model_param_names():
+            setattr(self, name, None)
+        if config.variant == "resformer":
             count = len(config.value_residual_layers())
-            self.value_residual_logits = nn.Parameter(torch.zeros(count))
-            self.value_residual_scale = nn.Parameter(torch.full((1,), float(count)))
+            for name, param in new_parameters(self.lambda_mode.model_params, count).items():
+                setattr(self, name, param)
         self.post_init()
 
     def new_cache(self) -> Cache:
@@ -361,19 +363,16 @@ class RFGPTModel(RFGPTPreTrainedModel):
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
 
-        lambda1_plus = None
-        if self.value_residual_logits is not None:
-            lambda1_plus = self.value_residual_scale[0] * torch.softmax(self.value_residual_logits, dim=0)
-            index = {n: i for i, n in enumerate(self.config.value_residual_layers())}
+        shared = None  # the mode's model-wide lambda values, one entry per mixing layer
+        if self.config.variant == "resformer" and self.lambda_mode.shared_values is not None:
+            shared = self.lambda_mode.shared_values({p.name: getattr(self, p.name) for p in self.lambda_mode.model_params})
         v_first = None
         for layer_idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            layer_lambda1 = None
-            if lambda1_plus is not None and (layer_idx + 1) in index:
-                layer_lambda1 = lambda1_plus[index[layer_idx + 1]]
+            index = decoder_layer.self_attn.mixing_index
             hidden_states, v1 = decoder_layer(
                 hidden_states,
                 v_first,
-                layer_lambda1,
+                shared[index] if shared is not None and index is not None else None,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,

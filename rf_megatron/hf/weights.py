@@ -12,9 +12,11 @@ decoder.layers.{i}.mlp.linear_fc1.weight  ([gate; up])   model.layers.{i}.mlp.{g
 decoder.layers.{i}.mlp.linear_fc2.weight                 model.layers.{i}.mlp.down_proj.weight
 decoder.final_layernorm.weight                           model.norm.weight
 output_layer.weight (absent when tied)                   lm_head.weight
-...self_attention.value_lambdas.value_residual_lambdas   model.layers.{i}.self_attn.value_residual_lambdas
-...self_attention.value_lambdas.value_residual_lambda2   model.layers.{i}.self_attn.value_residual_lambda2
-value_residual_plus.value_residual_logits / _scale       model.value_residual_logits / _scale
+...self_attention.value_lambdas.{P}                      model.layers.{i}.self_attn.{P}   (P: a mode's per-layer lambda
+value_residual_plus.{P}                                  model.{P}                        or model-wide parameter,
+                                                                        named in value_residual_spec.MODES)
+
+`layer_rules` and `global_rules` hold this map once: export applies each rule's split, import its fuse.
 
 Transformer Engine specs fuse the norms into the linears (`linear_qkv.layer_norm_weight`,
 `mlp.linear_fc1.layer_norm_weight`); Megatron's local spec already saves its norms under those
@@ -24,18 +26,20 @@ TP1 model, and both spellings of a state dict are accepted here.
 from __future__ import annotations
 
 import re
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from ..config import ModelConfig
+from .value_residual_spec import MODES, has_value_projection, lambdas_of, mixing_layers, model_param_names
 
 
 class ConversionError(ValueError):
     """A model or checkpoint the converter cannot represent. One line, naming the problem."""
 
 
-RFGPT_FILES = ("configuration_rfgpt.py", "modeling_rfgpt.py")
+RFGPT_FILES = ("configuration_rfgpt.py", "modeling_rfgpt.py", "value_residual_spec.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_rfgpt.RFGPTConfig",
     "AutoModel": "modeling_rfgpt.RFGPTModel",
@@ -86,7 +90,7 @@ def hf_config_kwargs(model: ModelConfig, special: Dict[str, Optional[int]]) -> d
     )
     if uses_remote_code(model):
         kwargs.update(variant=model.variant, lambda_mode=model.lambda_mode, lambda_constant=model.lambda_constant,
-                      residual_layers=list(model.residual_layers) if model.residual_layers is not None else None,
+                      sparse_layers=list(model.sparse_layers) if model.sparse_layers is not None else None,
                       qk_layernorm=model.qk_layernorm)
     return kwargs
 
@@ -118,7 +122,8 @@ def model_config_from_hf(config: dict) -> ModelConfig:
         untie_embeddings_and_output_weights=not config.get("tie_word_embeddings", False),
         rotary_base=int(theta), layernorm_epsilon=config.get("rms_norm_eps", 1e-5),
         variant=config.get("variant", "vanilla"), lambda_mode=config.get("lambda_mode", "identity"),
-        lambda_constant=float(config.get("lambda_constant", 2.0)), residual_layers=config.get("residual_layers"),
+        lambda_constant=float(config.get("lambda_constant", 2.0)),
+        sparse_layers=config.get("sparse_layers", config.get("residual_layers")),  # the pre-rename key too
     )
     return ModelConfig(**fields)
 
@@ -132,11 +137,10 @@ def _split_qkv(w: torch.Tensor, model: ModelConfig, has_v: bool):
     w = w.reshape(groups, per_group, d, -1)
     q = w[:, :hpg].reshape(heads * d, -1)
     k = w[:, hpg].reshape(groups * d, -1)
-    v = w[:, hpg + 1].reshape(groups * d, -1) if has_v else None
-    return q, k, v
+    return (q, k, w[:, hpg + 1].reshape(groups * d, -1)) if has_v else (q, k)
 
 
-def _fuse_qkv(q, k, v, model: ModelConfig) -> torch.Tensor:
+def _fuse_qkv(model: ModelConfig, q, k, v=None) -> torch.Tensor:
     heads, groups, d = model.num_attention_heads, model.kv_heads, model.head_dim
     parts = [q.reshape(groups, heads // groups, d, -1), k.reshape(groups, 1, d, -1)]
     if v is not None:
@@ -145,35 +149,86 @@ def _fuse_qkv(q, k, v, model: ModelConfig) -> torch.Tensor:
 
 
 def _has_v(model: ModelConfig, layer: int) -> bool:
-    return model.variant != "svformer" or layer == 0
+    return has_value_projection(model.variant, layer + 1)
 
 
-# Model-level tensors: Megatron name -> HF name (output_layer only when untied; the value_residual_plus pair
-# only in learnable_plus models).
-GLOBALS_TO_HF = {
+GLOBALS_TO_HF = {  # model-level tensors: Megatron name -> HF name (output_layer only when untied)
     "embedding.word_embeddings.weight": "model.embed_tokens.weight",
     "decoder.final_layernorm.weight": "model.norm.weight",
     "output_layer.weight": "lm_head.weight",
-    "value_residual_plus.value_residual_logits": "model.value_residual_logits",
-    "value_residual_plus.value_residual_scale": "model.value_residual_scale",
 }
 
 
-def global_names_to_hf(names, model: ModelConfig) -> Dict[str, str]:
-    """{Megatron name: HF name} of the model-level tensors present; refuses missing required and unknown ones."""
-    names = set(names)
-    required = {"embedding.word_embeddings.weight", "decoder.final_layernorm.weight"}
+def globals_to_hf() -> Dict[str, str]:
+    """GLOBALS_TO_HF plus the lambda modes' model-wide parameters (value_residual_spec)."""
+    return {**GLOBALS_TO_HF, **{f"value_residual_plus.{name}": f"model.{name}" for name in model_param_names()}}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One Megatron tensor <-> its HF tensor(s). Export applies `split`, import `fuse` (its inverse);
+    without them the tensor is copied as is."""
+
+    megatron: str
+    hf: Tuple[str, ...]
+    split: Optional[Callable] = None
+    fuse: Optional[Callable] = None
+
+
+def layer_rules(model: ModelConfig, i: int) -> List[Rule]:
+    """The weight map of layer i (0-based): Megatron names inside `decoder.layers.{i}.`, HF names inside
+    `model.layers.{i}.`. Export and import both read this one list, in opposite directions."""
+    has_v = _has_v(model, i)
+    qkv = ("self_attn.q_proj.weight", "self_attn.k_proj.weight") + (("self_attn.v_proj.weight",) if has_v else ())
+    rules = [
+        Rule("input_layernorm.weight", ("input_layernorm.weight",)),
+        # rows grouped per KV group: [q (heads/groups), k, v] for each group; SVFormer layers >= 2: [q..., k]
+        Rule("self_attention.linear_qkv.weight", qkv, lambda w: _split_qkv(w, model, has_v),
+             lambda *t: _fuse_qkv(model, *t)),
+        Rule("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",)),
+        Rule("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",)),
+        Rule("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"),  # [gate; up]
+             lambda w: tuple(w.chunk(2, dim=0)), lambda gate, up: torch.cat([gate, up], dim=0)),
+        Rule("mlp.linear_fc2.weight", ("mlp.down_proj.weight",)),
+    ]
+    if model.qk_layernorm:
+        rules += [Rule("self_attention.q_layernorm.weight", ("self_attn.q_norm.weight",)),
+                  Rule("self_attention.k_layernorm.weight", ("self_attn.k_norm.weight",))]
+    if model.variant == "resformer" and i + 1 in mixing_layers(model.variant, model.lambda_mode, model.num_layers,
+                                                                 model.sparse_layers):
+        rules += [Rule(f"self_attention.value_lambdas.{p.name}", (f"self_attn.{p.name}",))
+                  for p in MODES[model.lambda_mode].layer_params]
+    return rules
+
+
+def global_rules(model: ModelConfig) -> Dict[str, str]:
+    """Megatron name -> HF name of the model-level tensors this model has."""
+    names = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight"]
     if model.untie_embeddings_and_output_weights:
-        required.add("output_layer.weight")
-    else:
+        names.append("output_layer.weight")
+    if model.variant == "resformer":
+        names += [f"value_residual_plus.{p.name}" for p in MODES[model.lambda_mode].model_params]
+    mapping = globals_to_hf()
+    return {name: mapping[name] for name in names}
+
+
+def _refuse_leftovers(what: str, names) -> None:
+    """`what`: "checkpoint tensors with no HF counterpart" or the reverse."""
+    names = sorted(names)
+    if names:
+        raise ConversionError(f"{what}: {', '.join(names[:5])}" + (" ..." if len(names) > 5 else ""))
+
+
+def global_names_to_hf(names, model: ModelConfig) -> Dict[str, str]:
+    """{Megatron name: HF name} of the model-level tensors; refuses missing and unknown ones."""
+    names = set(names)
+    if not model.untie_embeddings_and_output_weights:
         names.discard("output_layer.weight")  # a tied model's copy of the embedding
-    for name in sorted(required - names):
+    wanted = global_rules(model)
+    for name in sorted(set(wanted) - names):
         raise ConversionError(f"checkpoint has no {name}")
-    unknown = sorted(names - set(GLOBALS_TO_HF))
-    if unknown:
-        raise ConversionError(f"checkpoint tensors with no HF counterpart: {', '.join(unknown[:5])}"
-                              + (" ..." if len(unknown) > 5 else ""))
-    return {name: GLOBALS_TO_HF[name] for name in sorted(names)}
+    _refuse_leftovers("checkpoint tensors with no HF counterpart", names - set(wanted))
+    return wanted
 
 
 def layer_to_hf(i: int, layer: Dict[str, torch.Tensor], model: ModelConfig) -> Dict[str, torch.Tensor]:
@@ -184,34 +239,14 @@ def layer_to_hf(i: int, layer: Dict[str, torch.Tensor], model: ModelConfig) -> D
         if te in layer:
             layer[local] = layer.pop(te)
     m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-    used = set()
-
-    def take(name):
-        if name not in layer:
-            raise ConversionError(f"checkpoint has no {m}{name}")
-        used.add(name)
-        return layer[name]
-
-    hf = {h + "input_layernorm.weight": take("input_layernorm.weight")}
-    q, k, v = _split_qkv(take("self_attention.linear_qkv.weight"), model, _has_v(model, i))
-    hf[h + "self_attn.q_proj.weight"], hf[h + "self_attn.k_proj.weight"] = q, k
-    if v is not None:
-        hf[h + "self_attn.v_proj.weight"] = v
-    if model.qk_layernorm:
-        hf[h + "self_attn.q_norm.weight"] = take("self_attention.q_layernorm.weight")
-        hf[h + "self_attn.k_norm.weight"] = take("self_attention.k_layernorm.weight")
-    hf[h + "self_attn.o_proj.weight"] = take("self_attention.linear_proj.weight")
-    for name in ("value_residual_lambdas", "value_residual_lambda2"):
-        if f"self_attention.value_lambdas.{name}" in layer:
-            hf[h + f"self_attn.{name}"] = take(f"self_attention.value_lambdas.{name}")
-    hf[h + "post_attention_layernorm.weight"] = take("pre_mlp_layernorm.weight")
-    gate, up = take("mlp.linear_fc1.weight").chunk(2, dim=0)
-    hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"] = gate, up
-    hf[h + "mlp.down_proj.weight"] = take("mlp.linear_fc2.weight")
-    left = sorted(set(layer) - used)
-    if left:
-        raise ConversionError(f"checkpoint tensors with no HF counterpart: {', '.join(m + n for n in left[:5])}"
-                              + (" ..." if len(left) > 5 else ""))
+    hf = {}
+    for rule in layer_rules(model, i):
+        if rule.megatron not in layer:
+            raise ConversionError(f"checkpoint has no {m}{rule.megatron}")
+        tensor = layer.pop(rule.megatron)
+        parts = rule.split(tensor) if rule.split else (tensor,)
+        hf.update({h + name: part for name, part in zip(rule.hf, parts)})
+    _refuse_leftovers("checkpoint tensors with no HF counterpart", (m + name for name in layer))
     return {k: v.detach().contiguous() for k, v in hf.items()}
 
 
@@ -235,65 +270,34 @@ def megatron_to_hf(state: Dict[str, torch.Tensor], model: ModelConfig) -> Dict[s
 
 
 def hf_to_megatron(hf: Dict[str, torch.Tensor], model: ModelConfig) -> Dict[str, torch.Tensor]:
-    """HF state dict -> global Megatron state dict (rf_megatron.state names). Strict both ways."""
-    used = set()
+    """HF state dict -> global Megatron state dict (rf_megatron.state names): the same rules, inverted."""
+    left = dict(hf)
+    if not model.untie_embeddings_and_output_weights:
+        left.pop("lm_head.weight", None)  # tied: the embedding's copy
 
     def take(name):
-        if name not in hf:
+        if name not in left:
             raise ConversionError(f"HF weights have no {name}")
-        used.add(name)
-        return hf[name]
+        return left.pop(name)
 
-    m_state = {"embedding.word_embeddings.weight": take("model.embed_tokens.weight")}
+    m_state = {name: take(hf_name) for name, hf_name in global_rules(model).items()}
     for i in range(model.num_layers):
         m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        m_state[m + "input_layernorm.weight"] = take(h + "input_layernorm.weight")
-        v = take(h + "self_attn.v_proj.weight") if _has_v(model, i) else None
-        m_state[m + "self_attention.linear_qkv.weight"] = _fuse_qkv(
-            take(h + "self_attn.q_proj.weight"), take(h + "self_attn.k_proj.weight"), v, model)
-        if model.qk_layernorm:
-            m_state[m + "self_attention.q_layernorm.weight"] = take(h + "self_attn.q_norm.weight")
-            m_state[m + "self_attention.k_layernorm.weight"] = take(h + "self_attn.k_norm.weight")
-        m_state[m + "self_attention.linear_proj.weight"] = take(h + "self_attn.o_proj.weight")
-        for name in ("value_residual_lambdas", "value_residual_lambda2"):
-            if h + f"self_attn.{name}" in hf:
-                m_state[f"{m}self_attention.value_lambdas.{name}"] = take(h + f"self_attn.{name}")
-        m_state[m + "pre_mlp_layernorm.weight"] = take(h + "post_attention_layernorm.weight")
-        m_state[m + "mlp.linear_fc1.weight"] = torch.cat([take(h + "mlp.gate_proj.weight"),
-                                                          take(h + "mlp.up_proj.weight")], dim=0)
-        m_state[m + "mlp.linear_fc2.weight"] = take(h + "mlp.down_proj.weight")
-    m_state["decoder.final_layernorm.weight"] = take("model.norm.weight")
-    if model.untie_embeddings_and_output_weights:
-        m_state["output_layer.weight"] = take("lm_head.weight")
-    for name in ("value_residual_logits", "value_residual_scale"):
-        if f"model.{name}" in hf:
-            m_state[f"value_residual_plus.{name}"] = take(f"model.{name}")
-    left = sorted(set(hf) - used - {"lm_head.weight"})
-    if left:
-        raise ConversionError(f"HF tensors with no Megatron counterpart: {', '.join(left[:5])}"
-                              + (" ..." if len(left) > 5 else ""))
+        for rule in layer_rules(model, i):
+            parts = [take(h + name) for name in rule.hf]
+            m_state[m + rule.megatron] = rule.fuse(*parts) if rule.fuse else parts[0]
+    _refuse_leftovers("HF tensors with no Megatron counterpart", left)
     return {k: v.detach().contiguous() for k, v in m_state.items()}
 
 
 def lambda_table(hf: Dict[str, torch.Tensor], model: ModelConfig) -> Dict[int, Tuple[float, float]]:
     """(lambda1, lambda2) per 1-based layer that mixes in V_1, read from the weights where learnable."""
-    from ..value_residual import residual_layers
-
     if model.variant != "resformer":
         return {}
-    mode, out = model.lambda_mode, {}
-    layers = residual_layers(model)
-    if mode == "learnable_plus":
-        lam1 = (hf["model.value_residual_scale"].float()[0]
-                * torch.softmax(hf["model.value_residual_logits"].float(), dim=0))
-    for index, n in enumerate(layers):
-        if mode in ("identity", "sparse"):
-            out[n] = (0.5, 0.5)
-        elif mode == "constant":
-            out[n] = (float(model.lambda_constant), 1.0)
-        elif mode == "learnable":
-            lam = hf[f"model.layers.{n - 1}.self_attn.value_residual_lambdas"].float()
-            out[n] = (float(lam[0]), float(lam[1]))
-        else:
-            out[n] = (float(lam1[index]), float(hf[f"model.layers.{n - 1}.self_attn.value_residual_lambda2"].float()[0]))
+    mode = MODES[model.lambda_mode]
+    shared = {p.name: hf[f"model.{p.name}"].float() for p in mode.model_params}
+    out = {}
+    for index, n in enumerate(mixing_layers(model.variant, model.lambda_mode, model.num_layers, model.sparse_layers)):
+        own = {p.name: hf[f"model.layers.{n - 1}.self_attn.{p.name}"].float() for p in mode.layer_params}
+        out[n] = tuple(float(x) for x in lambdas_of(mode, own, shared, index, model.lambda_constant))
     return out

@@ -9,6 +9,7 @@ and blank lines are ignored: array task i runs the i-th run line (0-based), e.g.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -42,8 +43,12 @@ def run_lines(path) -> List[str]:
 
 
 def parse_line(line: str) -> Tuple[str, List[str]]:
-    """`PRESET k=v ...` -> (preset, [k=v, ...])."""
-    parts = line.split()
+    """`PRESET k=v ...` -> (preset, [k=v, ...]), split as a shell splits it (quotes group words), the same
+    way locally (scaling_run_local.py) and on SLURM (slurm/submit.py, sweep.sbatch)."""
+    try:
+        parts = shlex.split(line)
+    except ValueError as exc:  # an unclosed quote
+        raise ValueError(f"sweep line {line!r}: {exc}") from None
     if not parts or "=" in parts[0]:
         raise ValueError(f"sweep line {line!r}: expected `PRESET key=value ...`")
     return parts[0], parts[1:]

@@ -12,7 +12,8 @@ from typing import Dict, List
 import torch
 
 from ..config import ConfigError, ModelConfig
-from ..hf.export import DTYPES, RUN_CONFIG_COPY, TRAIN_STATE_COPY, _fresh_tmp, build_hf_config, model_card, publish, write_model_files
+from ..hf.folder import (DTYPES, RUN_CONFIG_COPY, TRAIN_STATE_COPY, build_hf_config, fresh_tmp, model_card, publish,
+                         write_model_files)
 from ..hf.weights import ConversionError, lambda_table, model_config_from_hf, uses_remote_code
 
 
@@ -108,7 +109,7 @@ def save_folder(state: Dict[str, torch.Tensor], cfg, output, train_state: dict, 
     output = Path(output).resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
     dtype = "bf16" if cfg.parallel.params_dtype == "bf16" else "fp32"
-    tmp = _fresh_tmp(output)
+    tmp = fresh_tmp(output)
     try:
         _, special = save_hf_tokenizer(cfg.data.tokenizer_model, tmp, model_max_length=cfg.model.seq_length)
         state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}

@@ -208,9 +208,11 @@ class DeepSpeedTrainer(TrainingLoop):
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def lambdas(self) -> Dict[str, float]:
-        if self.cfg.model.variant != "resformer" or self.cfg.model.lambda_mode not in ("learnable", "learnable_plus"):
-            return {}
+        from ..hf.value_residual_spec import MODES
         from ..hf.weights import lambda_table
+
+        if self.cfg.model.variant != "resformer" or not MODES[self.cfg.model.lambda_mode].learnable:
+            return {}
 
         named = {k: p for k, p in self.engine.module.named_parameters() if "value_residual" in k}
         with self._full_parameters(list(named.values())):

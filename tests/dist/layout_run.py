@@ -21,7 +21,7 @@ VARIANTS = {
     "constant": dict(variant="resformer", lambda_mode="constant"),
     "learnable": dict(variant="resformer", lambda_mode="learnable"),
     "learnable_plus": dict(variant="resformer", lambda_mode="learnable_plus"),
-    "sparse": dict(variant="resformer", lambda_mode="sparse", residual_layers=[3, 4]),
+    "sparse": dict(variant="resformer", lambda_mode="sparse", sparse_layers=[3, 4]),
     "svformer": dict(variant="svformer"),
     "svformer_gqa": dict(variant="svformer", num_query_groups=2),
 }
