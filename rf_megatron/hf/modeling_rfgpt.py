@@ -14,6 +14,8 @@ K plus one of V, (L+1)/(2L) of a Llama cache of the same shape.
 The lambda modes (their parameters, init and rule) come from value_residual_spec.py, the method's one
 description, shared with the Megatron model. This file is copied next to exported weights (with its sibling
 configuration and spec files) and loaded with `trust_remote_code=True`; it imports only torch and transformers.
+It is longer than our other modules for that reason: remote code is one self-contained file per model class
+(cache, attention, layer, model, causal-LM head), as transformers' own modeling files are.
 """
 from __future__ import annotations
 
