@@ -80,12 +80,11 @@ def main(argv=None) -> int:
             split = _split(args.split) if args.split else None
             ev.indexed_prefix(args.perplexity, split)  # a wrong path fails before the model loads
             model, tokenizer = ev.load_model(folder, args.dtype, args.device)
-            ids = ev.tokens_of(args.perplexity, tokenizer, split, args.part)
+            ids, n_bytes = ev.tokens_of(args.perplexity, tokenizer, split, args.part)
             seq = args.seq_length or model.config.max_position_embeddings
             print(f"perplexity: {len(ids):,} tokens of {args.perplexity}"
                   f"{f' ({args.part} of {args.split})' if split else ''}, windows of {seq}", flush=True)
             result = ev.perplexity(model, ids, seq_length=seq, max_tokens=args.max_tokens)
-            n_bytes = ev.text_bytes(args.perplexity)
             if n_bytes and not args.max_tokens:
                 result["bits_per_byte"] = result["nll_sum"] / math.log(2) / n_bytes
             result.update(source=str(args.perplexity), split=args.split, part=args.part if split else None)

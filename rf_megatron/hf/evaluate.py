@@ -111,36 +111,29 @@ def indexed_prefix(source, split: Optional[Sequence[float]] = None) -> Optional[
     return None
 
 
-def tokens_of(source, tokenizer, split: Optional[Sequence[float]] = None, part: str = "valid") -> np.ndarray:
-    """Token ids to score: a Megatron indexed dataset (`split` picks the documents training held out, e.g.
-    949,50,1 and part=valid), or a JSONL/text file tokenized by the folder's tokenizer."""
+def tokens_of(source, tokenizer, split: Optional[Sequence[float]] = None, part: str = "valid"):
+    """(token ids to score, UTF-8 bytes they encode or None): a Megatron indexed dataset (`split` picks the
+    documents training held out, e.g. 949,50,1 and part=valid; no bytes), or a JSONL/text file tokenized by the
+    folder's tokenizer (its bytes give bits/byte)."""
     from ..indexed_data import DataError, iter_documents, split_tokens
 
     stem = indexed_prefix(source, split)
     if stem is not None:
         try:
-            return np.asarray(split_tokens(stem, split or (1,), SPLIT_PARTS.index(part) if split else 0))
+            return np.asarray(split_tokens(stem, split or (1,), SPLIT_PARTS.index(part) if split else 0)), None
         except DataError as exc:
             raise EvaluationError(str(exc)) from None
     ids: List[int] = []
-    eos = tokenizer.eos_token_id
+    n_bytes, eos = 0, tokenizer.eos_token_id
     try:
         for text, _ in iter_documents(str(source)):
             ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+            n_bytes += len(text.encode("utf-8"))
             if eos is not None:
                 ids.append(eos)
     except DataError as exc:
         raise EvaluationError(str(exc)) from None
-    return np.asarray(ids, dtype=np.int64)
-
-
-def text_bytes(source) -> Optional[int]:
-    """UTF-8 bytes of a text/JSONL file's documents (for bits/byte); None for an indexed dataset."""
-    from ..indexed_data import iter_documents
-
-    if not Path(str(source)).is_file() or str(source).endswith((".bin", ".idx")):
-        return None
-    return sum(len(text.encode("utf-8")) for text, _ in iter_documents(str(source)))
+    return np.asarray(ids, dtype=np.int64), n_bytes
 
 
 def windows(n_tokens: int, length: int) -> Iterable[tuple]:

@@ -80,7 +80,6 @@ MODES: Dict[str, LambdaMode] = {mode.name: mode for mode in (
     LambdaMode("sparse", "identity, on the chosen layers only (sparse_layers; the others are plain attention)",
                _half, chosen_layers_only=True),
 )}
-LAMBDA_MODES = tuple(MODES)
 
 
 def layer_param_names() -> Tuple[str, ...]:

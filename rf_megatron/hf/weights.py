@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..config import ModelConfig
-from .value_residual_spec import MODES, has_value_projection, lambdas_of, mixing_layers, model_param_names
+from .value_residual_spec import MODES, has_value_projection, lambdas_of, mixing_layers
 
 
 class ConversionError(ValueError):
@@ -152,16 +152,12 @@ def _has_v(model: ModelConfig, layer: int) -> bool:
     return has_value_projection(model.variant, layer + 1)
 
 
-GLOBALS_TO_HF = {  # model-level tensors: Megatron name -> HF name (output_layer only when untied)
+GLOBALS_TO_HF = {  # model-level tensors: Megatron name -> HF name (output_layer only when untied; the lambda
+    # modes' model-wide parameters join in global_rules)
     "embedding.word_embeddings.weight": "model.embed_tokens.weight",
     "decoder.final_layernorm.weight": "model.norm.weight",
     "output_layer.weight": "lm_head.weight",
 }
-
-
-def globals_to_hf() -> Dict[str, str]:
-    """GLOBALS_TO_HF plus the lambda modes' model-wide parameters (value_residual_spec)."""
-    return {**GLOBALS_TO_HF, **{f"value_residual_plus.{name}": f"model.{name}" for name in model_param_names()}}
 
 
 @dataclass(frozen=True)
@@ -203,13 +199,12 @@ def layer_rules(model: ModelConfig, i: int) -> List[Rule]:
 
 def global_rules(model: ModelConfig) -> Dict[str, str]:
     """Megatron name -> HF name of the model-level tensors this model has."""
-    names = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight"]
-    if model.untie_embeddings_and_output_weights:
-        names.append("output_layer.weight")
+    rules = dict(GLOBALS_TO_HF)
+    if not model.untie_embeddings_and_output_weights:
+        del rules["output_layer.weight"]
     if model.variant == "resformer":
-        names += [f"value_residual_plus.{p.name}" for p in MODES[model.lambda_mode].model_params]
-    mapping = globals_to_hf()
-    return {name: mapping[name] for name in names}
+        rules.update({f"value_residual_plus.{p.name}": f"model.{p.name}" for p in MODES[model.lambda_mode].model_params})
+    return rules
 
 
 def _refuse_leftovers(what: str, names) -> None:
