@@ -6,8 +6,9 @@
 For each depth: a random-weight Llama of that shape (made here), imported into a torch_dist checkpoint
 (`tools/convert_hf_to_checkpoint.py`), then exported back (`tools/convert_checkpoint_to_hf.py`, with
 `--verify none` and `--verify weights`). Each tool runs in its own process; the table gives its peak RSS and
-wall time, the weights' fp32 size, and the deep/shallow ratio of each peak. The export reads one layer at a
-time, so its peak should not grow with depth; the import still builds the model (not streamed yet).
+wall time, the weights' fp32 size, and the deep/shallow ratio of each peak. Both directions hold one layer at a
+time (the import writes Megatron's torch_dist chunks straight from the HF shards, no model built), so neither peak
+should grow with depth. Each round trip is then checked: the exported tensors equal the original ones.
 """
 from __future__ import annotations
 
@@ -49,6 +50,16 @@ def make_hf_model(folder: Path, layers: int, args) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def same_tensors(a: Path, b: Path) -> bool:
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from rf_megatron.hf.safetensors_io import HFWeights
+
+    x, y = HFWeights(a), HFWeights(b)
+    return x.shapes == y.shapes and all(torch.equal(x[name], y[name]) for name in x.shapes)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--hidden", type=int, default=1024)
@@ -75,6 +86,8 @@ def main() -> None:
                      work / f"out_{layers}_{verify}", "--verify", verify, "--no-tokenizer", "--max-shard-size", "1GB",
                      "--force"])
             rows[layers] = row
+            row["round trip identical"] = same_tensors(hf, work / f"out_{layers}_none")
+            print(f"  round trip HF -> checkpoint -> HF identical: {row['round trip identical']}", flush=True)
     shallow, deep = args.layers
     print(f"\nhidden {args.hidden}, ffn {args.ffn}, vocab {args.vocab}; peak RSS GB (wall s)")
     print(f"{'step':24s} {shallow:>3d} layers ({rows[shallow]['params'] / 1e6:.0f}M)   "

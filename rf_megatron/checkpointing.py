@@ -23,6 +23,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from .checkpoint_dir import CheckpointError, commit, latest_checkpoint, write_manifest  # noqa: F401 (re-exported)
 from .distopt_fixes import init_optimizer_state
+from .model import unwrap
 
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -70,7 +71,7 @@ def _set_rng_state(state) -> None:
 
 
 def _sharded_state(model: List, optimizer, is_loading: bool, with_rng: bool) -> Dict[str, Any]:
-    state = {f"model{i}": m.module.sharded_state_dict() for i, m in enumerate(model)}
+    state = {f"model{i}": unwrap(m).sharded_state_dict() for i, m in enumerate(model)}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=OPTIM_METADATA)
     if with_rng:
@@ -99,9 +100,11 @@ def _start_writer_queue_ignoring_stop_signals() -> None:
 
 
 def save_checkpoint(root, step: int, model: List, optimizer, scheduler, train_state: Dict[str, Any],
-                    run_config_yaml: str, keep_last: int = 2) -> Path:
+                    run_config_yaml: str, keep_last: int = 2, sharded_strategy=None) -> Path:
     """optimizer=None: a weights-only checkpoint (HF import): no optimizer, scheduler or RNG state; the trainer
-    resumes it with a fresh optimizer and schedule, as Megatron-LM's --finetune does."""
+    resumes it with a fresh optimizer and schedule, as Megatron-LM's --finetune does. `model`: DDP-wrapped or bare
+    chunks; `sharded_strategy`: how the tensors are written (default: Megatron's torch_dist; the HF importer
+    streams them, rf_megatron.hf.streaming_save)."""
     root = Path(root)
     name = f"iter_{step:07d}"
     final, tmp = root / name, root / f"{name}.tmp"
@@ -118,7 +121,7 @@ def save_checkpoint(root, step: int, model: List, optimizer, scheduler, train_st
         state["scheduler"] = scheduler.state_dict()
     else:
         train_state = {**train_state, "weights_only": True}
-    dist_checkpointing.save(state, str(tmp))
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=sharded_strategy)
     dist.barrier()
     if _rank0():
         (tmp / "run_config.yaml").write_text(run_config_yaml)

@@ -1,4 +1,4 @@
-"""Rendezvous ports for the processes we launch (torchrun, DeepSpeed, the converters' save workers).
+"""Rendezvous ports for the processes we launch (torchrun, DeepSpeed, the scaling sweep's local runs).
 
 Any free port by default; `--ports LO-HI` where a firewall opens only a range (clusters' login nodes).
 """

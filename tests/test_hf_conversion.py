@@ -342,8 +342,7 @@ def round_trips(exported, tmp_path_factory):
 
     out, result = tmp_path_factory.mktemp("roundtrip"), {}
     for name in ("learnable_plus", "svformer_gqa"):
-        ckpt = import_hf(exported[name][0], out / f"{name}_ckpt", tp=1, pp=2, vpp=2, log=lambda *_: None,
-                         ports=range(29700, 29800))  # the --ports path (a cluster's open range)
+        ckpt = import_hf(exported[name][0], out / f"{name}_ckpt", tp=1, pp=2, vpp=2, log=lambda *_: None)
         back = export(ckpt, out / f"{name}_hf", verify=False, log=lambda *_: None)
         result[name] = (ckpt, back)
     return result
@@ -368,9 +367,13 @@ def foreign_llama(tmp_path_factory):
 def test_round_trip_hf_checkpoint_hf_is_identical(variant, exported, round_trips):
     from rf_megatron.hf.safetensors_io import load_hf_weights
 
+    import yaml
+
     ckpt, back = round_trips[variant]
     state = json.loads((ckpt / "iter_0000000" / "train_state.json").read_text())
-    assert (state["step"], state["consumed_samples"], state["layout"]) == (0, 0, {"tp": 1, "pp": 2, "vpp": 2})
+    assert (state["step"], state["consumed_samples"]) == (0, 0)
+    parallel = yaml.safe_load((ckpt / "iter_0000000" / "run_config.yaml").read_text())["parallel"]
+    assert (parallel["tensor_parallel"], parallel["pipeline_parallel"], parallel["virtual_pipeline_parallel"]) == (1, 2, 2)
     from rf_megatron.hf.dist_tensors import DistCheckpointTensors
 
     keys = DistCheckpointTensors(ckpt / "iter_0000000").metadata.state_dict_metadata
@@ -381,6 +384,27 @@ def test_round_trip_hf_checkpoint_hf_is_identical(variant, exported, round_trips
     for name in want:
         assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
     assert json.loads((back / "config.json").read_text()) == json.loads((exported[variant][0] / "config.json").read_text())
+
+
+@pytest.mark.mcore_api
+def test_streamed_import_writes_the_keys_shapes_dtypes_and_values_the_trainer_saved(trained, exported, tmp_path):
+    """Every variant: the trainer's TP2 x PP2 checkpoint -> HF -> the streamed import (no model built) holds the
+    same model keys (tensors and Megatron's _extra_state objects), global shapes, dtypes and values as the
+    trainer's own checkpoint, so Megatron loads it wherever it loads the trainer's."""
+    from rf_megatron.hf.dist_tensors import NOT_MODEL, DistCheckpointTensors
+    from rf_megatron.hf.import_hf import import_hf
+
+    for variant, root in trained.items():
+        ckpt = import_hf(exported[variant][0], tmp_path / variant, tp=2, pp=2, log=lambda *_: None)
+        want = DistCheckpointTensors(root / (root / "latest").read_text())
+        got = DistCheckpointTensors(ckpt / "iter_0000000")
+        model_keys = lambda t: {k for k in t.metadata.state_dict_metadata if not k.startswith(NOT_MODEL)}
+        assert model_keys(got) == model_keys(want), variant
+        for key, md in want.entries.items():
+            assert (got.entries[key].size, got.entries[key].properties.dtype) == (md.size, md.properties.dtype), key
+            layers = range(md.size[0]) if key in want.stacked else [None]
+            for layer in layers:
+                assert torch.equal(got.read(key, layer), want.read(key, layer)), (variant, key, layer)
 
 
 def test_foreign_llama_round_trip_with_tied_embeddings(foreign_llama, data, tmp_path):
@@ -633,8 +657,33 @@ def test_import_errors_are_one_line(exported, tmp_path, capsys):
                                           "--tp", "3")
     assert "unknown option train.train_stepz" in _error_of(capsys, tool, "--hf", exported["vanilla"][0], "--output",
                                                             tmp_path / "o", "train.train_stepz=5")
-    assert "--ports '29500': give a range LO-HI" in _error_of(capsys, tool, "--hf", exported["vanilla"][0],
-                                                              "--output", tmp_path / "o", "--ports", "29500")
+    from safetensors.torch import save_file
+
+    from rf_megatron.hf.safetensors_io import load_hf_weights
+
+    weights = load_hf_weights(exported["vanilla"][0])
+    broken = {"missing": {k: v for k, v in weights.items() if k != "model.layers.3.mlp.up_proj.weight"},
+              "extra": {**weights, "model.layers.9.mlp.up_proj.weight": weights["model.layers.3.mlp.up_proj.weight"].clone()},
+              "shape": {**weights, "model.layers.2.mlp.down_proj.weight": weights["model.layers.2.mlp.down_proj.weight"][:, :-1]}}
+    for name, tensors in broken.items():
+        folder = tmp_path / name
+        shutil.copytree(exported["vanilla"][0], folder, ignore=shutil.ignore_patterns("model*.safetensors*"))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+        broken[name] = _error_of(capsys, tool, "--hf", folder, "--output", tmp_path / "o")
+    assert "HF weights have no model.layers.3.mlp.up_proj.weight" in broken["missing"]
+    assert "HF tensors with no Megatron counterpart: model.layers.9.mlp.up_proj.weight" in broken["extra"]
+    assert ("wrong shape for config.json's model: decoder.layers.2.mlp.linear_fc2.weight (64, 127) (the model has "
+            "(64, 128))") in broken["shape"]
+    damaged = tmp_path / "damaged"  # real fault injection: a cut-off shard, then a header with flipped bytes
+    shutil.copytree(tmp_path / "shape", damaged)
+    data = (damaged / "model.safetensors").read_bytes()
+    (damaged / "model.safetensors").write_bytes(data[:-100])
+    assert f"truncated ({len(data) - 100} bytes, its header describes {len(data)})" in _error_of(
+        capsys, tool, "--hf", damaged, "--output", tmp_path / "o")
+    (damaged / "model.safetensors").write_bytes(data[:8] + b"\xff\xfe" + data[10:])
+    assert "not a readable safetensors file (damaged or truncated header)" in _error_of(
+        capsys, tool, "--hf", damaged, "--output", tmp_path / "o")
+    assert not (tmp_path / "o").exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
 def test_exit_code_2_from_the_command_line(tmp_path):

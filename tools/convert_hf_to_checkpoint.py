@@ -8,7 +8,8 @@ rf-megatron checkpoint that the trainer resumes from, in any TP / PP / virtual-P
 Writes `iter_0000000/` (model weights only, step 0, 0 samples consumed, run_config.yaml with the chosen
 layout) and `latest`, plus the folder's tokenizer.model. No optimizer state is invented: the trainer resumes a
 weights-only checkpoint with a fresh optimizer and LR schedule (Megatron-LM's --finetune).
-The save runs under torchrun with TP x PP processes (CPU/gloo when there is no GPU).
+One CPU process, streamed: the weights are read, mapped and written one layer at a time (memory flat in depth),
+with progress every 10 s; Megatron reshards them into the chosen layout when the trainer loads them.
 
 The run config starts from the exporter's copy of the original one (rf_megatron_run_config.yaml) if
 present, else from the defaults; `section.key=value` overrides follow. The saved run config is a
@@ -39,7 +40,7 @@ def parse_args(argv):
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the checkpoint")
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per pipeline rank")
     p.add_argument("--force", action="store_true", help="replace an existing output")
-    p.add_argument("--ports", help="LO-HI: take the save workers' rendezvous port from this range (default: any)")
+    p.add_argument("--ports", help=argparse.SUPPRESS)  # no longer used: the import runs in one process
     p.add_argument("overrides", nargs="*", help="run config overrides, section.key=value")
     return p.parse_args(argv)
 
@@ -47,20 +48,17 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet()
-    from rf_megatron.hf.import_hf import WorkerError, import_hf, overrides_from_argv
+    from rf_megatron.hf.import_hf import import_hf, overrides_from_argv
     from rf_megatron.hf.weights import ConversionError
-    from rf_megatron.ports import parse_ports
 
+    if args.ports:
+        print("note: --ports is no longer needed (the import runs in one process); ignored", file=sys.stderr)
     try:
-        ports = parse_ports(args.ports) if args.ports else None
         import_hf(args.hf, args.output, tp=args.tp, pp=args.pp, vpp=args.vpp,
-                  overrides=overrides_from_argv(args.overrides), force=args.force, ports=ports)
+                  overrides=overrides_from_argv(args.overrides), force=args.force)
     except (ConversionError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except WorkerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     return 0
 
 

@@ -1,10 +1,13 @@
-"""Hugging Face folder (Llama or RFGPT) -> a checkpoint the trainer resumes from, in any layout.
+"""Hugging Face folder (Llama or RFGPT) -> a checkpoint the trainer resumes from, in any layout, streamed.
 
-The HF weights are mapped to full Megatron tensors here (one process); `save_worker` then runs under
-torchrun with TP x PP processes, builds the target layout, loads its shards of those tensors and
-saves them through `rf_megatron.checkpointing.save_checkpoint` as a weights-only checkpoint (step 0, 0 samples
-consumed; the trainer starts a fresh optimizer and LR schedule from it). The checkpoint root is written next
-to the output and renamed when complete.
+One CPU process, memory flat in depth: the HF safetensors are read one layer at a time (`HFWeights`), mapped to
+Megatron tensors by the weight map inverted (`weights.layer_from_hf`) and written straight into Megatron's
+torch_dist format (`streaming_save`: Megatron's keys and chunks from a meta-device model, the data made tensor by
+tensor). The result is a weights-only checkpoint (step 0, 0 samples consumed; no optimizer state: the trainer
+starts a fresh optimizer and LR schedule from it, Megatron-LM's --finetune) whose run config holds the chosen
+TP / PP / virtual-PP layout; Megatron reshards the TP1 x PP1 chunks into it on load. Names and shapes are checked
+against the model before anything is written; the checkpoint root is written next to the output and renamed
+when complete.
 """
 from __future__ import annotations
 
@@ -12,8 +15,6 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -22,13 +23,8 @@ import torch
 import yaml
 
 from .folder import RUN_CONFIG_COPY, publish
-from .weights import ConversionError, hf_to_megatron, model_config_from_hf
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-class WorkerError(RuntimeError):
-    """The torchrun save workers failed (not a user error)."""
+from .safetensors_io import HFWeights
+from .weights import ConversionError, global_rules, hf_to_megatron, layer_from_hf, model_config_from_hf
 
 
 def build_run_config(hf_dir: Path, output: Path, tp: int, pp: int, vpp: Optional[int], overrides: Sequence[str],
@@ -68,28 +64,34 @@ def build_run_config(hf_dir: Path, output: Path, tp: int, pp: int, vpp: Optional
     return cfg
 
 
-def run_workers(world: int, weights: Path, run_config: Path, root: Path, timeout: Optional[float] = None,
-                ports: Optional[range] = None) -> None:
-    from ..ports import free_port
+class MegatronTensorsFromHF:
+    """The model's full (TP1) Megatron tensors by global name, mapped from an HF folder one layer at a time. The
+    mapping runs once on meta tensors first, which checks every name and shape without reading a weight."""
 
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["RF_MEGATRON_CPU"] = "1"  # conversion runs on the CPU by design (rf_megatron.hf.export.megatron_single_process)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--master-addr=127.0.0.1",
-           f"--master-port={free_port(ports)}", "-m", "rf_megatron.hf.save_worker", "--weights", str(weights),
-           "--run-config", str(run_config), "--root", str(root)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-        raise WorkerError(f"the {world} save workers failed (exit {proc.returncode}):\n{tail}")
+    def __init__(self, weights: HFWeights, model):
+        self.weights, self.model = weights, model
+        self.shapes = {name: t.shape for name, t in hf_to_megatron(weights.meta(), model).items()}
+        self.from_global = global_rules(model)
+        self.layer, self.cached = None, {}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if not name.startswith("decoder.layers."):
+            return self.weights[self.from_global[name]]
+        layer, inside = name[len("decoder.layers."):].split(".", 1)
+        if int(layer) != self.layer:  # a writer asks for a layer's tensors together: map each layer once
+            self.cached = {}
+            self.cached, self.layer = layer_from_hf(int(layer), self.weights.__getitem__, self.model), int(layer)
+        return self.cached[inside]
 
 
 def import_hf(hf_dir, output, tp: int = 1, pp: int = 1, vpp: Optional[int] = None, overrides: Sequence[str] = (),
-              force: bool = False, log=print, ports: Optional[range] = None) -> Path:
-    """ports: where the save workers' rendezvous port may come from (default: any free port)."""
+              force: bool = False, log=print) -> Path:
+    import time
+
+    from ..checkpointing import save_checkpoint
     from ..run_config import save_yaml
-    from .safetensors_io import load_hf_weights
+    from .source_checkpoint import megatron_single_process
+    from .streaming_save import StreamingSaveStrategy, build_meta_model
 
     hf_dir, output = Path(hf_dir).resolve(), Path(output).resolve()
     if not hf_dir.is_dir():
@@ -102,18 +104,19 @@ def import_hf(hf_dir, output, tp: int = 1, pp: int = 1, vpp: Optional[int] = Non
     try:
         cfg = build_run_config(hf_dir, output, tp, pp, vpp, overrides, work)
         try:
-            hf = load_hf_weights(hf_dir)
+            source = MegatronTensorsFromHF(HFWeights(hf_dir), cfg.model)
         except FileNotFoundError as exc:
             raise ConversionError(str(exc)) from None
-        full = hf_to_megatron({k: v.float() for k, v in hf.items()}, cfg.model)
-        torch.save(full, work / "weights.pt")
         save_yaml(cfg, work / "run_config.yaml")
         if root.exists():
             shutil.rmtree(root)
-        world = tp * pp * cfg.parallel.context_parallel
-        log(f"saving {cfg.model.variant} as TP{tp} x PP{pp}" + (f" x VPP{vpp}" if vpp else "")
-            + f" with {world} processes ...")
-        run_workers(world, work / "weights.pt", work / "run_config.yaml", root, ports=ports)
+        begin = time.monotonic()
+        log(f"writing {cfg.model.variant} for TP{tp} x PP{pp}"
+            + (f" x VPP{vpp}" if vpp else "") + " ...")
+        with megatron_single_process():
+            save_checkpoint(root, 0, [build_meta_model(cfg.model, cfg.parallel.params_dtype)], None, None,
+                            {"consumed_samples": 0}, (work / "run_config.yaml").read_text(), keep_last=0,
+                            sharded_strategy=StreamingSaveStrategy(source, log))
         if (hf_dir / "tokenizer.model").exists():
             shutil.copyfile(hf_dir / "tokenizer.model", root / "tokenizer.model")
         publish(root, output, force)
@@ -122,7 +125,7 @@ def import_hf(hf_dir, output, tp: int = 1, pp: int = 1, vpp: Optional[int] = Non
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log(f"wrote {output} (iter_0000000, step 0): resume with "
+    log(f"wrote {output} (iter_0000000, step 0) in {time.monotonic() - begin:.0f} s: resume with "
         f"pretrain/pretrain_resformer.py --config {output}/iter_0000000/run_config.yaml data.paths=[...]")
     return output
 

@@ -127,20 +127,70 @@ class StreamingShardWriter:
         return self.files
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class HFWeights:
+    """The tensors of an HF folder (sharded with an index, or one model.safetensors), read one at a time: names,
+    shapes and byte ranges come from the safetensors headers, `weights[name]` reads that tensor's bytes alone.
+    Plain reads, not mmap: a mapping's touched pages stay resident, so reading a whole folder through one would
+    grow the process by the folder's size."""
+
+    def __init__(self, folder):
+        folder = Path(folder)
+        if (folder / INDEX).exists():
+            files = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
+        elif (folder / "model.safetensors").exists():
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"{folder}: no {INDEX} or model.safetensors")
+        self.entries: Dict[str, Tuple[Path, int, int, torch.dtype]] = {}  # name -> (file, start, end, dtype)
+        self.shapes: Dict[str, torch.Size] = {}
+        for file in files:
+            path = folder / file
+            if not path.exists():
+                raise FileNotFoundError(f"{folder}: {file} is listed in {INDEX} but missing")
+            size = path.stat().st_size
+            try:
+                with open(path, "rb") as f:
+                    (length,) = struct.unpack("<Q", f.read(8))
+                    header = json.loads(f.read(length)) if 8 + length <= size else None
+            except (struct.error, ValueError):
+                header = None
+            if not isinstance(header, dict):
+                raise ValueError(f"{path}: not a readable safetensors file (damaged or truncated header)")
+            end_of_data = 8 + length + max([i["data_offsets"][1] for k, i in header.items() if k != "__metadata__"],
+                                           default=0)
+            if size < end_of_data:
+                raise ValueError(f"{path}: truncated ({size} bytes, its header describes {end_of_data})")
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if info["dtype"] not in _DTYPES:
+                    raise ValueError(f"{path}: {name} has dtype {info['dtype']}, which the converter does not read")
+                begin, end = info["data_offsets"]
+                self.entries[name] = (path, 8 + length + begin, 8 + length + end, _DTYPES[info["dtype"]])
+                self.shapes[name] = torch.Size(info["shape"])
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path, begin, end, dtype = self.entries[name]
+        if end == begin:
+            return torch.empty(self.shapes[name], dtype=dtype)
+        data = bytearray(end - begin)
+        with open(path, "rb") as f:
+            f.seek(begin)
+            if f.readinto(data) != len(data):
+                raise ValueError(f"{path}: {name} is cut short (a truncated file?)")
+        return torch.frombuffer(data, dtype=dtype).reshape(self.shapes[name])
+
+    def meta(self) -> Dict[str, torch.Tensor]:
+        """Every tensor as a meta tensor of its shape (float32): mapping these checks names and shapes for free."""
+        return {name: torch.empty(shape, device="meta") for name, shape in self.shapes.items()}
+
+
 def load_hf_weights(folder) -> Dict[str, torch.Tensor]:
     """All tensors of an HF folder: sharded (index) or a single model.safetensors."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if (folder / INDEX).exists():
-        files = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{folder}: no {INDEX} or model.safetensors")
-    out = {}
-    for file in files:
-        if not (folder / file).exists():
-            raise FileNotFoundError(f"{folder}: {file} is listed in {INDEX} but missing")
-        out.update(load_file(str(folder / file)))
-    return out
+    weights = HFWeights(folder)
+    return {name: weights[name] for name in weights.shapes}

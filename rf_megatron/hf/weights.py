@@ -264,8 +264,20 @@ def megatron_to_hf(state: Dict[str, torch.Tensor], model: ModelConfig) -> Dict[s
     return hf
 
 
+def layer_from_hf(i: int, take: Callable[[str], torch.Tensor], model: ModelConfig) -> Dict[str, torch.Tensor]:
+    """Layer i's Megatron tensors (names inside `decoder.layers.{i}.`) from its HF tensors, `take(HF name)`:
+    layer_to_hf inverted. Works on meta tensors too."""
+    h = f"model.layers.{i}."
+    out = {}
+    for rule in layer_rules(model, i):
+        parts = [take(h + name) for name in rule.hf]
+        out[rule.megatron] = (rule.fuse(*parts) if rule.fuse else parts[0]).detach().contiguous()
+    return out
+
+
 def hf_to_megatron(hf: Dict[str, torch.Tensor], model: ModelConfig) -> Dict[str, torch.Tensor]:
-    """HF state dict -> global Megatron state dict (rf_megatron.state names): the same rules, inverted."""
+    """HF state dict -> global Megatron state dict (rf_megatron.state names): the same rules, inverted. Every HF
+    tensor must be used exactly once (on meta tensors: the importer's check of names and shapes)."""
     left = dict(hf)
     if not model.untie_embeddings_and_output_weights:
         left.pop("lm_head.weight", None)  # tied: the embedding's copy
@@ -275,14 +287,11 @@ def hf_to_megatron(hf: Dict[str, torch.Tensor], model: ModelConfig) -> Dict[str,
             raise ConversionError(f"HF weights have no {name}")
         return left.pop(name)
 
-    m_state = {name: take(hf_name) for name, hf_name in global_rules(model).items()}
+    m_state = {name: take(hf_name).detach().contiguous() for name, hf_name in global_rules(model).items()}
     for i in range(model.num_layers):
-        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        for rule in layer_rules(model, i):
-            parts = [take(h + name) for name in rule.hf]
-            m_state[m + rule.megatron] = rule.fuse(*parts) if rule.fuse else parts[0]
+        m_state.update({f"decoder.layers.{i}.{name}": t for name, t in layer_from_hf(i, take, model).items()})
     _refuse_leftovers("HF tensors with no Megatron counterpart", left)
-    return {k: v.detach().contiguous() for k, v in m_state.items()}
+    return m_state
 
 
 def lambda_table(hf: Dict[str, torch.Tensor], model: ModelConfig) -> Dict[int, Tuple[float, float]]:
