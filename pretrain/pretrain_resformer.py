@@ -14,7 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rf_megatron import child_lifetime  # noqa: E402
 from rf_megatron.run_config import load_run_config  # noqa: E402
-from rf_megatron.training_loop import run_entry_point, stop_if_finished  # noqa: E402
+from rf_megatron.entry_point import run_entry_point  # noqa: E402
+from rf_megatron.resume import stop_if_finished  # noqa: E402
 
 # At import, so that it also runs where multiprocessing's spawned helpers re-import this script (__mp_main__)
 child_lifetime.install()

@@ -3,7 +3,6 @@ pipeline schedules, dist_checkpointing, GPTDataset) wired into one lean trainer.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Dict, List
@@ -16,14 +15,13 @@ from . import distopt_fixes
 from .build import build_model, build_optimizer, build_scheduler, init_parallel
 from .checkpointing import load_checkpoint, save_checkpoint
 from .config import ConfigError
-from .data import MicrobatchStream, build_run_datasets, chunk_iterators, load_tokenizer
+from .data import build_run_datasets, chunk_iterators, load_tokenizer
 from .device import current_device, select_device, to_device
-from .flops import parameter_counts, training_flops_per_token
-from .metrics import MetricsLogger
+from .flops import parameter_counts
 from .model import unwrap
-from .run_config import RunConfig, save_yaml, to_dict
+from .run_config import RunConfig
 from .schedule import forward_backward
-from .training_loop import TrainingLoop, stop_if_finished
+from .training_loop import TrainingLoop
 
 
 def _loss_func(loss_mask, output_tensor):
@@ -56,9 +54,10 @@ def _global_loss(losses: List[Dict]) -> float:
 class Trainer(TrainingLoop):
     """Megatron-Core engine: TP / SP / PP (1F1B, interleaved) / DP with the (distributed) optimizer."""
 
+    ENGINE = "megatron"
+
     def __init__(self, cfg: RunConfig):
-        stop_if_finished(cfg)
-        self.cfg = cfg
+        super().__init__(cfg)
         self.device = select_device()  # before the config checks: a GPU job without GPUs stops here
         world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg.validate(world)  # before any process group exists
@@ -71,57 +70,14 @@ class Trainer(TrainingLoop):
         torch.manual_seed(cfg.train.seed)
         self.model, self.config = build_model(cfg.model, cfg.parallel)
         self.optimizer = build_optimizer(self.model, cfg.optim, cfg.parallel)
-        t = cfg.train
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.train_steps)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.train_steps)
         resume_from = self.find_resume_checkpoint()
         self.train_ds, self.valid_ds, self.test_ds = build_run_datasets(cfg, self.tokenizer, self.skip_batches)
-        self.step, consumed = 0, 0
-        self._saved_step = None  # the step whose checkpoint exists already (no double saves)
-        self.writer = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-                       and ps.get_data_parallel_rank() == 0)
-        self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-        if dist.get_rank() == 0:
-            save_yaml(cfg, os.path.join(cfg.logging.dir, "config.yaml"))
-        if (path := resume_from) is not None:
-            train_state = json.loads((path / "train_state.json").read_text())
-            if train_state.get("engine", "megatron") != "megatron":
-                raise ConfigError(f"{path} is a {train_state['engine']} checkpoint: resume it with "
-                                  "pretrain/pretrain_hf_deepspeed.py, or point checkpoint.dir elsewhere")
-            saved = train_state.get("distributed_optimizer")
-            if saved is not None and saved != cfg.parallel.distributed_optimizer:
-                raise ConfigError(f"{path} was saved with parallel.distributed_optimizer={str(saved).lower()}: "
-                                  "resume with the same setting (Megatron's optimizer checkpoint formats differ)")
-            saved_optim = (yaml.safe_load((path / "run_config.yaml").read_text()) or {}).get("optim") or {}
-            # Megatron >= 0.19 pairs saved and current param groups by their lr range: load with the
-            # checkpoint's, then hand the schedule to the run config (see build_scheduler)
-            self._set_lr_range(saved_optim.get("lr", cfg.optim.lr), saved_optim.get("min_lr", cfg.optim.min_lr))
-            try:
-                state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as exc:  # a damaged checkpoint: one line, not a stack trace per rank (torch
-                from .checkpoint_dir import older_hint  # DCP's CheckpointException is a BaseException)
-
-                error = ConfigError(f"cannot load {path}: {type(exc).__name__}: "
-                                    f"{(str(exc).strip().splitlines() or [''])[0][:300]}{older_hint(path.parent, before=path)}")
-                error.every_rank = True
-                raise error from None
-            self._set_lr_range(cfg.optim.lr, cfg.optim.min_lr)
-            self.scheduler.step(increment=0)
-            self.step, consumed = state["step"], state["consumed_samples"]
-            self._saved_step = self.step
-            self._print(f"resumed from {path} at step {self.step} ({consumed} samples consumed)"
-                        + ("; weights only (an HF import): a fresh optimizer and LR schedule"
-                           if state.get("weights_only") else ""))
-            self.note_schedule_changes(path)
-            consumed = self.skip_rewound_data(consumed)
-        self.stream = MicrobatchStream(self.train_ds, t.global_batch_size, t.micro_batch_size, consumed)
-        self.metrics = MetricsLogger(cfg.logging.dir, cfg.name, to_dict(cfg), self.writer,
-                                     cfg.logging.wandb_project, cfg.logging.tensorboard, resume_step=self._saved_step)
+        self.resume(resume_from, log_writer=(ps.is_pipeline_last_stage(ignore_virtual=True)
+                                             and ps.get_tensor_model_parallel_rank() == 0
+                                             and ps.get_data_parallel_rank() == 0))
         counts = parameter_counts(cfg.model)
-        self.flops_per_token = training_flops_per_token(cfg.model)
-        self._print(f"{cfg.name}: {cfg.model.variant} ({cfg.model.lambda_mode if cfg.model.variant == 'resformer' else '-'}), "
-                    f"{counts.total / 1e6:.2f}M params ({counts.non_embedding / 1e6:.2f}M non-embedding), "
+        self._print(f"{self.run_label()} ({counts.non_embedding / 1e6:.2f}M non-embedding), "
                     f"world {dist.get_world_size()} = TP{cfg.parallel.tensor_parallel} x PP{cfg.parallel.pipeline_parallel}"
                     f" x DP{ps.get_data_parallel_world_size()}, {self.stream.num_microbatches} microbatches/step")
 
@@ -147,23 +103,17 @@ class Trainer(TrainingLoop):
         self.scheduler.step(increment=1)
         return loss, grad_norm, ok
 
-    def evaluate(self, dataset):
-        t = self.cfg.train
+    # --- evaluation: the last pipeline stage's TP rank 0 holds the losses ------------------------------
+    def add_eval_terms(self, global_batch, stats) -> None:
+        for item in self._run_batch(global_batch, forward_only=True):
+            stats += item["lm loss"].double()
+
+    def counts_eval_terms(self) -> bool:
+        return self.ps.is_pipeline_last_stage(ignore_virtual=True) and self.ps.get_tensor_model_parallel_rank() == 0
+
+    def set_training(self, training: bool) -> None:
         for m in self.model:
-            m.eval()
-        batches, samples = self.eval_window(dataset)
-        stream = MicrobatchStream(dataset, t.global_batch_size, t.micro_batch_size, limit=samples)
-        stats = torch.zeros(2, dtype=torch.float64, device=current_device())
-        with torch.no_grad():
-            for _ in range(batches):
-                for item in self._run_batch(stream.next_global_batch(), forward_only=True):
-                    stats += item["lm loss"].double()
-        for m in self.model:
-            m.train()
-        if not (self.ps.is_pipeline_last_stage(ignore_virtual=True) and self.ps.get_tensor_model_parallel_rank() == 0):
-            stats.zero_()
-        dist.all_reduce(stats)
-        return (stats[0] / stats[1].clamp(min=1)).item(), int(stats[1].item())
+            m.train(training)
 
     def lambdas(self) -> Dict[str, float]:
         """Per-layer (lambda1, lambda2) of learnable variants, gathered from every stage."""
@@ -180,28 +130,48 @@ class Trainer(TrainingLoop):
         dist.all_gather_object(gathered, mine)
         return {k: v for part in gathered for k, v in sorted(part.items())}
 
-    def save(self) -> None:
-        ckpt = self.cfg.checkpoint
-        if not ckpt.dir or self._saved_step == self.step:
-            return
-        self._saved_step = self.step
-        path = save_checkpoint(ckpt.dir, self.step, self.model, self.optimizer, self.scheduler,
-                               {"engine": "megatron", "run_id": self.run_id,
-                                "consumed_samples": self.stream.consumed_samples,
-                                "distributed_optimizer": self.cfg.parallel.distributed_optimizer,
-                                "health": self.health.window_record()},
-                               self.config_yaml, ckpt.keep_last)
-        self._print(f"saved checkpoint {path}")
+    # --- checkpoints: Megatron dist_checkpointing (rf_megatron.checkpointing) ------------------------
+    def check_resumable(self, path, train_state) -> None:
+        if train_state.get("engine", "megatron") != "megatron":
+            raise ConfigError(f"{path} is a {train_state['engine']} checkpoint: resume it with "
+                              "pretrain/pretrain_hf_deepspeed.py, or point checkpoint.dir elsewhere")
+        saved = train_state.get("distributed_optimizer")
+        if saved is not None and saved != self.cfg.parallel.distributed_optimizer:
+            raise ConfigError(f"{path} was saved with parallel.distributed_optimizer={str(saved).lower()}: "
+                              "resume with the same setting (Megatron's optimizer checkpoint formats differ)")
+
+    def load(self, path):
+        cfg = self.cfg
+        saved_optim = (yaml.safe_load((path / "run_config.yaml").read_text()) or {}).get("optim") or {}
+        # Megatron >= 0.19 pairs saved and current param groups by their lr range: load with the
+        # checkpoint's, then hand the schedule to the run config (see build_scheduler)
+        self._set_lr_range(saved_optim.get("lr", cfg.optim.lr), saved_optim.get("min_lr", cfg.optim.min_lr))
+        try:
+            state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # a damaged checkpoint: one line, not a stack trace per rank (torch
+            from .checkpoint_dir import older_hint  # DCP's CheckpointException is a BaseException)
+
+            error = ConfigError(f"cannot load {path}: {type(exc).__name__}: "
+                                f"{(str(exc).strip().splitlines() or [''])[0][:300]}{older_hint(path.parent, before=path)}")
+            error.every_rank = True
+            raise error from None
+        self._set_lr_range(cfg.optim.lr, cfg.optim.min_lr)
+        self.scheduler.step(increment=0)
+        return state
+
+    def engine_state(self) -> Dict:
+        return {"distributed_optimizer": self.cfg.parallel.distributed_optimizer}
+
+    def write_checkpoint(self, root, train_state):
+        return save_checkpoint(root, self.step, self.model, self.optimizer, self.scheduler, train_state,
+                               self.run_config_yaml, self.cfg.checkpoint.keep_last)
 
     def _set_lr_range(self, max_lr: float, min_lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["max_lr"], group["min_lr"] = max_lr, min_lr
 
-    def current_lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
     def close(self) -> None:
         self.ps.destroy_model_parallel()
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        super().close()

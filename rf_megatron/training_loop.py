@@ -1,5 +1,5 @@
-"""The engine-independent part of training: the step loop, logging, evaluation cadence, checkpoint
-cadence and clean exits on signals / time limits.
+"""The engine-independent part of training (`TrainingLoop`): resume checks and bookkeeping, the step loop,
+logging, evaluation, checkpoint cadence and save bookkeeping, and clean exits on signals / time limits.
 
 Both trainers (Megatron-Core: `rf_megatron.trainer`, DeepSpeed ZeRO: `rf_megatron.zero.trainer`)
 subclass `TrainingLoop`, so their JSONL metrics, console lines and stop/resume behaviour are the
@@ -9,139 +9,170 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch.distributed as dist
 
+from .resume import ResumeChecks, stop_if_finished
 from .signals import ExitSignals
-
-
-SCHEDULE_OPTIONS = (("optim", "lr"), ("optim", "min_lr"), ("optim", "lr_warmup_steps"), ("optim", "lr_decay_style"),
-                    ("optim", "lr_wsd_decay_steps"), ("optim", "weight_decay"), ("train", "train_steps"))
 
 
 class TrainingStopped(RuntimeError):
     """A NaN/Inf under nan_policy=stop: a clear message instead of a corrupted run."""
 
 
-class AlreadyFinished(Exception):
-    """checkpoint.dir already holds the run's last step: nothing to train (a re-run sweep, a resubmitted job)."""
+class TrainingLoop(ResumeChecks):
+    """The trainer skeleton. It owns the run's life: the finished-run check, finding and checking the checkpoint
+    to resume, the resume bookkeeping (step, data position, rewinds, schedule notes), the training stream, the
+    metrics, evaluation, the checkpoint cadence and save bookkeeping, logging and the run label. An engine's
+    `__init__` calls `super().__init__(cfg)`, builds its model, optimizer, `scheduler` and datasets
+    (`train_ds`, `valid_ds`, `test_ds`), then `self.resume(path, log_writer)` with the path from
+    `find_resume_checkpoint()`; it implements the engine hooks below."""
 
+    ENGINE = ""  # train_state.json's "engine" of this trainer's checkpoints
 
-def stop_if_finished(cfg) -> None:
-    """Before anything slow: a run whose latest checkpoint reached train.train_steps ends at once (exit 0) instead
-    of loading the model to train nothing and log its final evaluation a second time."""
-    from .checkpoint_dir import MANIFEST, CheckpointError, latest_checkpoint, read_train_state, verify_checkpoint
-
-    ckpt = cfg.checkpoint
-    if not ckpt.dir or not ckpt.resume or ckpt.start_over or cfg.train.eval_only:
-        return
-    try:
-        path = latest_checkpoint(ckpt.dir)
-        step = read_train_state(path)["step"] if path else None
-    except (CheckpointError, OSError, ValueError, KeyError):
-        return  # the trainer's own checks say what is wrong
-    if step is None or step < cfg.train.train_steps:
-        return
-    if (path / MANIFEST).is_file() and verify_checkpoint(path) is None:  # a damaged one: the trainer falls back
-        raise AlreadyFinished(f"{cfg.name}: already finished ({path} is step {step}, train.train_steps="
-                              f"{cfg.train.train_steps}): nothing to do (raise train.train_steps to train on, or "
-                              "checkpoint.start_over=true to train again)")
-
-
-class TrainingLoop:
-    """Subclasses set `cfg`, `step`, `stream` (a MicrobatchStream), `metrics` (a MetricsLogger) and
-    `flops_per_token`, and implement the engine hooks below."""
+    def __init__(self, cfg) -> None:
+        stop_if_finished(cfg)
+        self.cfg = cfg
 
     # --- engine hooks ---------------------------------------------------------------------------
     def train_step(self) -> Tuple[float, float, bool]:
         """One optimizer step: (global mean loss, grad norm, whether the update was applied)."""
         raise NotImplementedError
 
-    def evaluate(self, dataset) -> Tuple[float, int]:
-        """(token-weighted mean loss, tokens scored) over the first `samples` of `dataset` (a held-out set) in
-        `batches` global batches (`eval_window(dataset)`), on every rank."""
+    def add_eval_terms(self, global_batch, stats) -> None:
+        """Add one global batch's (loss sum, token count) on this rank to `stats` (float64, on the device)."""
         raise NotImplementedError
+
+    def counts_eval_terms(self) -> bool:
+        """Whether this rank's eval terms count in the all-reduce (a replica of another rank's does not)."""
+        return True
+
+    def set_training(self, training: bool) -> None:
+        """Train / eval mode of the model (dropout)."""
+        raise NotImplementedError
+
+    def data_parallel(self) -> Dict[str, int]:
+        """MicrobatchStream's dp_rank / dp_size for this engine (default: Megatron's data-parallel group)."""
+        return {}
 
     def lambdas(self) -> Dict[str, float]:
         """Per-layer lambdas of learnable variants (empty otherwise)."""
         raise NotImplementedError
 
-    def save(self) -> None:
+    def check_resumable(self, path: Path, train_state: Dict) -> None:
+        """Raise ConfigError if this engine and config cannot resume the checkpoint at `path`."""
+
+    def load(self, path: Path) -> Dict:
+        """Load the checkpoint at `path` into the model, optimizer and scheduler; returns its train state."""
         raise NotImplementedError
 
-    def current_lr(self) -> float:
+    def engine_state(self) -> Dict:
+        """This engine's entries of train_state.json (what `check_resumable` compares on resume)."""
+        return {}
+
+    def write_checkpoint(self, root: Path, train_state: Dict) -> Path:
+        """Write (atomically: temp dir, manifest, `latest`) the checkpoint of this step; returns its path."""
         raise NotImplementedError
 
     def on_finished(self) -> None:
         """After the last step's evaluation and checkpoint."""
 
-    # --- shared -----------------------------------------------------------------------------------
+    # --- the skeleton -------------------------------------------------------------------------------
+    def resume(self, path: Optional[Path], log_writer: bool) -> None:
+        """Continue from the checkpoint at `path` (None: a fresh run): the step, the data position (after a
+        rewind's skip), the training stream, the run's config.yaml and metrics."""
+        from .data import MicrobatchStream
+        from .flops import training_flops_per_token
+        from .metrics import MetricsLogger
+        from .run_config import save_yaml, to_dict
+
+        t = self.cfg.train
+        if dist.get_rank() == 0:
+            save_yaml(self.cfg, os.path.join(self.cfg.logging.dir, "config.yaml"))
+        self.step, consumed, self._saved_step = 0, 0, None  # _saved_step: whose checkpoint exists (no double saves)
+        if path is not None:
+            state = self.load(path)
+            self.step, consumed = state["step"], state["consumed_samples"]
+            self._saved_step = self.step
+            self._print(f"resumed from {path} at step {self.step} ({consumed} samples consumed)"
+                        + ("; weights only (an HF import): a fresh optimizer and LR schedule"
+                           if state.get("weights_only") else ""))
+            self.note_schedule_changes(path)
+            consumed = self.skip_rewound_data(consumed)
+        self.stream = MicrobatchStream(self.train_ds, t.global_batch_size, t.micro_batch_size, consumed,
+                                       **self.data_parallel())
+        self.metrics = MetricsLogger(self.cfg.logging.dir, self.cfg.name, to_dict(self.cfg), log_writer,
+                                     self.cfg.logging.wandb_project, self.cfg.logging.tensorboard,
+                                     resume_step=self._saved_step)
+        self.flops_per_token = training_flops_per_token(self.cfg.model)
+
+    def run_label(self) -> str:
+        """`name: variant (lambda mode), N params`: how the console introduces the run."""
+        from .flops import parameter_counts
+
+        m = self.cfg.model
+        return (f"{self.cfg.name}: {m.variant} ({m.lambda_mode if m.variant == 'resformer' else '-'}), "
+                f"{parameter_counts(m).total / 1e6:.2f}M params")
+
+    def evaluate(self, dataset) -> Tuple[float, int]:
+        """(token-weighted mean loss, tokens scored) over the window `eval_window(dataset)` of a held-out set,
+        the same on every rank."""
+        import torch
+
+        from .data import MicrobatchStream
+
+        t = self.cfg.train
+        batches, samples = self.eval_window(dataset)
+        stream = MicrobatchStream(dataset, t.global_batch_size, t.micro_batch_size, limit=samples,
+                                  **self.data_parallel())
+        stats = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.set_training(False)
+        with torch.no_grad():
+            for _ in range(batches):
+                self.add_eval_terms(stream.next_global_batch(), stats)
+        self.set_training(True)
+        if not self.counts_eval_terms():
+            stats.zero_()
+        dist.all_reduce(stats)
+        return (stats[0] / stats[1].clamp(min=1)).item(), int(stats[1].item())
+
+    def train_state(self) -> Dict:
+        """train_state.json of a checkpoint of this step."""
+        return {"engine": self.ENGINE, "run_id": self.run_id, "step": self.step,
+                "consumed_samples": self.stream.consumed_samples, **self.engine_state(),
+                "health": self.health.window_record()}
+
+    def save(self) -> None:
+        """A checkpoint of this step (once per step) in checkpoint.dir, if set."""
+        ckpt = self.cfg.checkpoint
+        if not ckpt.dir or self._saved_step == self.step:
+            return
+        self._saved_step = self.step
+        path = self.write_checkpoint(Path(ckpt.dir), self.train_state())
+        self._print(f"saved checkpoint {path}")
+
+    @property
+    def run_config_yaml(self) -> str:
+        import yaml
+
+        from .run_config import to_dict
+
+        return yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def _print(self, msg: str) -> None:
         if dist.get_rank() == 0:
             print(msg, flush=True)
-
-    def find_resume_checkpoint(self) -> Optional[Path]:
-        """The checkpoint this run continues (None: a fresh run), after the checks that keep checkpoints from
-        being lost or misread (rf_megatron/checkpoint_dir.py). Sets `run_id`, the lineage id this run's
-        checkpoints carry (kept across resumes; pruning only ever removes older checkpoints of the same id),
-        `skip_batches` (global batches a rewind past a divergence skips) and `health` (checkpoint_health.py)."""
-        import dataclasses
-
-        from .checkpoint_dir import (CheckpointError, check_model_unchanged, is_rank0, latest_checkpoint, new_run_id,
-                                     newest_verified, prepare_fresh_run, read_train_state)
-        from .checkpoint_health import HealthMonitor, batches_to_skip, rewind
-        from .config import ConfigError
-
-        ckpt = self.cfg.checkpoint
-        self.run_id, self.skip_batches = new_run_id(), 0
-        self.health = HealthMonitor(ckpt.dir, self.cfg.train.loss_spike_factor, writer=is_rank0())
-        if not ckpt.dir:
-            return None
-        path = None
-        if ckpt.resume and not ckpt.start_over:
-            try:
-                path = latest_checkpoint(ckpt.dir)
-            except CheckpointError as exc:
-                raise ConfigError(str(exc)) from None
-        if path is None:
-            prepare_fresh_run(ckpt.dir, ckpt.start_over, rank0=is_rank0())
-            return None
-        if ckpt.rewind_to_healthy:
-            path = rewind(ckpt.dir, path, say=_say, rank0=is_rank0())
-        path = newest_verified(ckpt.dir, path, say=_say)
-        if path is None:
-            raise ConfigError(f"no checkpoint in checkpoint.dir={ckpt.dir} matches its checksums (each was moved "
-                              "aside, see above): set checkpoint.start_over=true to start again")
-        check_model_unchanged(path, dataclasses.asdict(self.cfg.model))
-        self.run_id = read_train_state(path).get("run_id")
-        self.skip_batches = batches_to_skip(path)
-        self.health.pending.append(path.name)  # the next step judges it again
-        return path
-
-    def skip_rewound_data(self, consumed: int) -> int:
-        """Consumed samples after a rewind's skip (checkpoint.rewind_to_healthy), said once."""
-        if not self.skip_batches:
-            return consumed
-        skipped = self.skip_batches * self.cfg.train.global_batch_size
-        self._print(f"skipping {self.skip_batches} global batch(es) ({skipped} samples) that the diverged steps read")
-        return consumed + skipped
-
-    def note_schedule_changes(self, checkpoint) -> None:
-        """Say which schedule options differ from the checkpoint's run config (the current ones apply)."""
-        import yaml
-
-        saved = yaml.safe_load((Path(checkpoint) / "run_config.yaml").read_text()) or {}
-        changes = []
-        for section, key in SCHEDULE_OPTIONS:
-            old, new = (saved.get(section) or {}).get(key), getattr(getattr(self.cfg, section), key)
-            if old is not None and old != new:
-                changes.append(f"{section}.{key} {old} -> {new}")
-        if changes:
-            self._print(f"note: the LR schedule follows this run's config, changed since the checkpoint: {', '.join(changes)}")
 
     def check_finite(self, what: str, value: float, update_applied: bool = False) -> None:
         """Stop on NaN/Inf under nan_policy=stop, and always once a non-finite update was applied
@@ -270,53 +301,3 @@ def _peak_memory() -> Dict[str, float]:
         return {}
     return {"peak_mem_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
             "peak_mem_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
-
-
-def _say(msg: str) -> None:
-    """Print on rank 0 (also before a process group exists)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(msg, file=sys.stderr if msg.startswith("warning:") else sys.stdout, flush=True)
-
-
-def run_entry_point(build: Callable[[], "TrainingLoop"]) -> int:
-    """What both pretrain/ scripts do: build the trainer (a ConfigError -> one `error:` line, exit 2),
-    train, shut down; say how to resume when the run stopped early."""
-    from . import child_lifetime
-    from .child_lifetime import exit_now
-    from .config import ConfigError
-    from .quiet import silence_known_warnings
-
-    silence_known_warnings()
-    child_lifetime.install()  # helper processes (checkpoint writers) never outlive the trainer
-    try:
-        trainer = build()
-    except AlreadyFinished as exc:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(str(exc), flush=True)
-        return 0
-    except ConfigError as exc:
-        # Config errors are the same on every rank: rank 0 says it. A damaged checkpoint file may fail on
-        # one rank only (the one reading it), while the others wait in a collective: that rank says it.
-        if int(os.environ.get("RANK", "0")) == 0 or getattr(exc, "every_rank", False):
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    try:
-        result = trainer.train()
-    except TrainingStopped as exc:  # every rank sees the same (global) loss / grad norm and stops here
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        exit_now(1)
-    except BaseException:
-        # Report now: the other ranks may be blocked in a collective that this rank left, and a
-        # clean shutdown (a barrier) would hang; the launcher tears the job down on our exit code.
-        import traceback
-
-        traceback.print_exc()
-        sys.stderr.flush()
-        exit_now(1)
-    trainer.close()
-    if "stopped" in result and result.get("saved") and int(os.environ.get("RANK", "0")) == 0:
-        # under SLURM the job script says what comes next (slurm/pretrain.sbatch: requeue, or resubmit)
-        how = "checkpoint saved" if os.environ.get("SLURM_JOB_ID") else "rerun the same command to resume"
-        print(f"stopped at step {result['step']} ({result['stopped']}); {how}", flush=True)
-    return 0

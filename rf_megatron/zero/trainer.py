@@ -27,13 +27,12 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 
 from ..config import ConfigError
 from ..device import init_process_group, on_gpu, select_device, to_device
 from ..hf.weights import uses_remote_code
-from ..run_config import RunConfig, save_yaml, to_dict
-from ..training_loop import TrainingLoop, stop_if_finished
+from ..run_config import RunConfig
+from ..training_loop import TrainingLoop
 from . import ds_config
 from .hf_model import build_fresh, hf_config, hf_state, load_folder, param_groups, read_folder_config, save_folder
 
@@ -88,13 +87,13 @@ def _plain_gloo_on_cpu() -> None:
 
 
 class DeepSpeedTrainer(TrainingLoop):
-    def __init__(self, cfg: RunConfig):
-        from ..data import MicrobatchStream, build_run_datasets, load_tokenizer
-        from ..flops import parameter_counts, training_flops_per_token
-        from ..metrics import MetricsLogger
+    ENGINE = "deepspeed"
 
-        stop_if_finished(cfg)
-        self.cfg = cfg
+    def __init__(self, cfg: RunConfig):
+        from ..data import build_run_datasets, load_tokenizer
+        from ..flops import parameter_counts
+
+        super().__init__(cfg)
         self.device = select_device(megatron=False)  # DeepSpeed's own accelerator follows the same decision
         self.cuda = on_gpu()
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -105,7 +104,8 @@ class DeepSpeedTrainer(TrainingLoop):
         ds_config.check_fits(counts.total, self.ds_config, world, self.cuda)
         self.tokenizer = load_tokenizer(cfg)
         _init_distributed()  # before the checkpoint checks: rank 0 may move a damaged checkpoint aside
-        resume_from = self._checkpoint_to_resume(world)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        resume_from = self.find_resume_checkpoint()
 
         t, o = cfg.train, cfg.optim
         if cfg.deepspeed.init_from_hf and resume_from is None:
@@ -125,26 +125,11 @@ class DeepSpeedTrainer(TrainingLoop):
                                                                  config=self.ds_config)
         self.scheduler = build_scheduler(self.optimizer, o, t.train_steps)
         self.train_ds, self.valid_ds, self.test_ds = build_run_datasets(cfg, self.tokenizer, self.skip_batches)
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.step, consumed, self._saved_step = 0, 0, None
-        if resume_from is not None:
-            self.step, consumed = self._load(resume_from)
-            self._saved_step = self.step
-            self._print(f"resumed from {resume_from} at step {self.step} ({consumed} samples consumed)")
-            self.note_schedule_changes(resume_from)
-            consumed = self.skip_rewound_data(consumed)
-        self.stream = MicrobatchStream(self.train_ds, t.global_batch_size, t.micro_batch_size, consumed,
-                                       dp_rank=self.rank, dp_size=self.world)
-        if self.rank == 0:
-            save_yaml(cfg, os.path.join(cfg.logging.dir, "config.yaml"))
-        self.metrics = MetricsLogger(cfg.logging.dir, cfg.name, to_dict(cfg), self.rank == 0,
-                                     cfg.logging.wandb_project, cfg.logging.tensorboard, resume_step=self._saved_step)
-        self.flops_per_token = training_flops_per_token(cfg.model)
+        self.resume(resume_from, log_writer=self.rank == 0)
         if cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel > 1:
             self._print(f"note: parallel.* (TP{cfg.parallel.tensor_parallel} x PP{cfg.parallel.pipeline_parallel}) "
                         "is the Megatron trainer's layout; DeepSpeed is data parallel over all processes")
-        self._print(f"{cfg.name}: {cfg.model.variant} ({cfg.model.lambda_mode if cfg.model.variant == 'resformer' else '-'}), "
-                    f"{counts.total / 1e6:.2f}M params, DeepSpeed ZeRO-{self.stage} on {self.world} process(es) "
+        self._print(f"{self.run_label()}, DeepSpeed ZeRO-{self.stage} on {self.world} process(es) "
                     f"({'cuda' if self.cuda else 'cpu'}, {'bf16' if self.ds_config['bf16']['enabled'] else 'fp32'}), "
                     f"{self.ds_config['gradient_accumulation_steps']} microbatches/step"
                     + (f", from {cfg.deepspeed.init_from_hf}" if cfg.deepspeed.init_from_hf and resume_from is None else ""))
@@ -175,26 +160,17 @@ class DeepSpeedTrainer(TrainingLoop):
         self.scheduler.step(increment=1)
         return loss, grad_norm, True
 
-    def evaluate(self, dataset):
-        from ..data import MicrobatchStream
+    # --- evaluation: every rank scores its share of each global batch -----------------------------
+    def add_eval_terms(self, global_batch, stats) -> None:
+        for batch in global_batch:
+            total, count = self._loss_terms(batch)
+            stats += torch.stack([total.double(), count.double()])
 
-        t = self.cfg.train
-        batches, samples = self.eval_window(dataset)
-        stream = MicrobatchStream(dataset, t.global_batch_size, t.micro_batch_size, dp_rank=self.rank,
-                                  dp_size=self.world, limit=samples)
-        stats = torch.zeros(2, dtype=torch.float64, device=self.device)
-        self.engine.eval()
-        with torch.no_grad():
-            for _ in range(batches):
-                for batch in stream.next_global_batch():
-                    total, count = self._loss_terms(batch)
-                    stats += torch.stack([total.double(), count.double()])
-        self.engine.train()
-        dist.all_reduce(stats)
-        return (stats[0] / stats[1].clamp(min=1)).item(), int(stats[1].item())
+    def set_training(self, training: bool) -> None:
+        self.engine.train(training)
 
-    def current_lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+    def data_parallel(self) -> Dict[str, int]:
+        return {"dp_rank": self.rank, "dp_size": self.world}
 
     def _full_parameters(self, params=None):
         """`params` (default: all) whole on every rank (ZeRO-3 partitions them; 0-2 keep them whole)."""
@@ -223,56 +199,46 @@ class DeepSpeedTrainer(TrainingLoop):
         return out
 
     # --- checkpoints ----------------------------------------------------------------------------
-    def _train_state(self) -> dict:
-        return {"engine": "deepspeed", "run_id": self.run_id, "step": self.step,
-                "consumed_samples": self.stream.consumed_samples,
-                "zero_stage": self.stage, "world_size": self.world, "health": self.health.window_record()}
-
-    def _checkpoint_to_resume(self, world: int):
-        path = self.find_resume_checkpoint()
-        if path is None:
-            return None
-        saved = json.loads((path / "train_state.json").read_text())
-        if saved.get("engine", "megatron") != "deepspeed":
+    def check_resumable(self, path, train_state) -> None:
+        if train_state.get("engine", "megatron") != "deepspeed":
             raise ConfigError(f"{path} is a Megatron checkpoint: export it (tools/convert_checkpoint_to_hf.py) and "
                               "start from the folder with deepspeed.init_from_hf, or point checkpoint.dir elsewhere")
-        for key, now in (("zero_stage", self.stage), ("world_size", world)):
-            if saved[key] != now:
-                raise ConfigError(f"{path} was saved with {key}={saved[key]}, this run has {now}: ZeRO's partitioned "
-                                  f"optimizer state needs the same (or convert it with DeepSpeed's ds_to_universal.py)")
-        return path
+        for key, now in self.engine_state().items():
+            if train_state[key] != now:
+                raise ConfigError(f"{path} was saved with {key}={train_state[key]}, this run has {now}: ZeRO's "
+                                  "partitioned optimizer state needs the same (or convert it with DeepSpeed's "
+                                  "ds_to_universal.py)")
 
-    def _load(self, path: Path):
+    def engine_state(self) -> Dict:
+        return {"zero_stage": self.stage, "world_size": self.world}
+
+    def load(self, path: Path) -> Dict:
         load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                                    load_lr_scheduler_states=False)
         if load_path is None:
             raise ConfigError(f"{path}: DeepSpeed found no checkpoint files there")
         state = json.loads((path / "train_state.json").read_text())
         self.scheduler.step(increment=state["step"])
-        return state["step"], state["consumed_samples"]
+        return state
 
-    def save(self) -> None:
+    def write_checkpoint(self, root: Path, train_state: Dict) -> Path:
         from ..checkpoint_dir import commit, write_manifest
 
-        ckpt = self.cfg.checkpoint
-        if not ckpt.dir or self._saved_step == self.step:
-            return
-        self._saved_step = self.step
-        root, tag = Path(ckpt.dir), f"iter_{self.step:07d}"
+        tag = f"iter_{self.step:07d}"
         if self.rank == 0 and (root / tag).exists():
             shutil.rmtree(root / tag)  # left by a save that never completed
         dist.barrier()
         self.engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
         dist.barrier()
         if self.rank == 0:
-            (root / tag / "run_config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-            (root / tag / "train_state.json").write_text(json.dumps(self._train_state()))
+            (root / tag / "run_config.yaml").write_text(self.run_config_yaml)
+            (root / tag / "train_state.json").write_text(json.dumps(train_state))
         dist.barrier()
         write_manifest(root / tag)  # every rank hashes its share; rank 0 writes it last
         if self.rank == 0:
-            commit(root, tag, ckpt.keep_last)
+            commit(root, tag, self.cfg.checkpoint.keep_last)
         dist.barrier()
-        self._print(f"saved checkpoint {root / tag}")
+        return root / tag
 
     def on_finished(self) -> None:
         """The final weights as an HF folder (like tools/convert_checkpoint_to_hf.py writes)."""
@@ -281,12 +247,7 @@ class DeepSpeedTrainer(TrainingLoop):
             state = hf_state(self.engine.module, self.cfg.model) if self.rank == 0 else None
         if self.rank == 0:
             source = str(self.cfg.checkpoint.dir or self.cfg.logging.dir)
-            save_folder(state, self.cfg, output, self._train_state(), source)
+            save_folder(state, self.cfg, output, self.train_state(), source)
             self._print(f"wrote {Path(output).resolve()} (load with AutoModelForCausalLM.from_pretrained"
                         f"{', trust_remote_code=True' if uses_remote_code(self.cfg.model) else ''})")
         dist.barrier()
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
