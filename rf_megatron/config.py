@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import torch
 
-from .hf.value_residual_spec import MODES, VARIANTS, config_problem
+from .hf.value_residual_spec import MODES, config_problem
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -62,8 +62,8 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(msg)
 
-        need(self.variant in VARIANTS, f"variant={self.variant!r}: choose one of {', '.join(VARIANTS)}")
-        need(self.lambda_mode in MODES, f"lambda_mode={self.lambda_mode!r}: choose one of {', '.join(MODES)}")
+        problem = config_problem(self.variant, self.lambda_mode, self.num_layers, self.sparse_layers)
+        need(problem is None, problem)  # the value-residual choice: one set of rules, also read by the HF config
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
             need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
         need(self.hidden_size % self.num_attention_heads == 0,
@@ -86,15 +86,6 @@ class ModelConfig:
         need(self.kv_heads % tp == 0,
              f"tensor_parallel={tp} does not divide num_query_groups={self.kv_heads}: value residual needs every "
              "TP rank to own whole KV heads")
-        need(self.num_layers >= 2, f"variant={self.variant} needs num_layers >= 2 (layer 1 provides V_1)")
-        if self.variant == "svformer":
-            need(self.lambda_mode == "identity",
-                 f"lambda_mode={self.lambda_mode!r} applies to resformer; svformer uses V_1 as is")
-        if MODES[self.lambda_mode].chosen_layers_only:
-            need(self.sparse_layers is None or self.sparse_layers,
-                 f"sparse_layers={self.sparse_layers}: choose at least one layer")
-        problem = config_problem(self.variant, self.lambda_mode, self.num_layers, self.sparse_layers)
-        need(problem is None, problem)
         if MODES[self.lambda_mode].model_params and (pp > 1 or vpp):
             need(not parallel.overlap_grad_reduce,
                  f"lambda_mode={self.lambda_mode} shares its model-wide lambdas across pipeline stages: set "

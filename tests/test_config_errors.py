@@ -41,6 +41,23 @@ def test_sparse_layers_must_exist_and_skip_layer_one():
     assert "sparse_layers=[]" in error_of(ModelConfig(lambda_mode="sparse", sparse_layers=[]))
 
 
+@pytest.mark.parametrize("choice", [dict(variant="resformr"), dict(lambda_mode="dense"),
+                                    dict(variant="svformer", lambda_mode="learnable"), dict(num_layers=1),
+                                    dict(lambda_mode="sparse", sparse_layers=[]),
+                                    dict(lambda_mode="sparse", sparse_layers=[1, 3])])
+def test_the_run_config_and_the_hf_config_refuse_a_value_residual_choice_with_the_same_line(choice):
+    """One set of rules (value_residual_spec.config_problem): a choice the trainer refuses cannot be written
+    into an RFGPT config.json either."""
+    pytest.importorskip("transformers")
+    from rf_megatron.hf.configuration_rfgpt import RFGPTConfig
+
+    choice = {"num_layers": 4, **choice}
+    with pytest.raises(ValueError) as info:
+        RFGPTConfig(**{{"num_layers": "num_hidden_layers"}.get(k, k): v for k, v in choice.items()})
+    model = ModelConfig(**choice)
+    assert error_of(model) == str(info.value)
+
+
 def test_the_old_residual_layers_key_still_works_with_a_one_line_note(capsys):
     from rf_megatron.run_config import load_run_config
 

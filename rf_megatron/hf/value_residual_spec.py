@@ -120,9 +120,13 @@ def config_problem(variant: str, lambda_mode: str, num_layers: int,
     if lambda_mode not in MODES:
         return f"lambda_mode={lambda_mode!r}: choose one of {', '.join(MODES)}"
     if variant != "vanilla" and num_layers < 2:
-        return f"variant={variant} needs at least 2 layers (layer 1 provides V_1)"
-    if variant == "resformer" and MODES[lambda_mode].chosen_layers_only:
-        if sparse_layers is not None and any(not 2 <= n <= num_layers for n in sparse_layers):
+        return f"variant={variant} needs num_layers >= 2 (layer 1 provides V_1)"
+    if variant == "svformer" and lambda_mode != "identity":
+        return f"lambda_mode={lambda_mode!r} applies to resformer; svformer uses V_1 as is"
+    if variant == "resformer" and MODES[lambda_mode].chosen_layers_only and sparse_layers is not None:
+        if not sparse_layers:
+            return f"sparse_layers={list(sparse_layers)}: choose at least one layer"
+        if any(not 2 <= n <= num_layers for n in sparse_layers):
             return f"sparse_layers={list(sparse_layers)}: layers must lie in 2..{num_layers}"
     return None
 
