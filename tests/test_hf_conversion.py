@@ -407,6 +407,24 @@ def test_streamed_import_writes_the_keys_shapes_dtypes_and_values_the_trainer_sa
                 assert torch.equal(got.read(key, layer), want.read(key, layer)), (variant, key, layer)
 
 
+def test_import_verification_reads_back_and_names_a_tensor_written_wrong(exported, tmp_path, monkeypatch):
+    """A writer that gets one tensor wrong (here: the mapping perturbed for one layer) is caught by reading every
+    written tensor back against the HF weights; nothing is published."""
+    from rf_megatron.hf.import_hf import MegatronTensorsFromHF, import_hf
+    from rf_megatron.hf.weights import ConversionError
+
+    right = MegatronTensorsFromHF.tensor
+
+    def wrong(self, name):
+        tensor = right(self, name)
+        return tensor + 1e-3 if name == "decoder.layers.2.mlp.linear_fc2.weight" else tensor
+
+    monkeypatch.setattr(MegatronTensorsFromHF, "tensor", wrong)
+    with pytest.raises(ConversionError, match=r"verification failed: model\.layers\.2\.mlp\.down_proj\.weight reads back"):
+        import_hf(exported["learnable"][0], tmp_path / "ckpt", log=lambda *_: None)
+    assert not (tmp_path / "ckpt").exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
 def test_foreign_llama_round_trip_with_tied_embeddings(foreign_llama, data, tmp_path):
     """transformers' own Llama folder -> TP1 x PP2 checkpoint (the last stage holds the tied output
     copy) -> HF: same tensors, same config essentials, native LlamaForCausalLM again."""

@@ -9,7 +9,8 @@ Writes `iter_0000000/` (model weights only, step 0, 0 samples consumed, run_conf
 layout) and `latest`, plus the folder's tokenizer.model. No optimizer state is invented: the trainer resumes a
 weights-only checkpoint with a fresh optimizer and LR schedule (Megatron-LM's --finetune).
 One CPU process, streamed: the weights are read, mapped and written one layer at a time (memory flat in depth),
-with progress every 10 s; Megatron reshards them into the chosen layout when the trainer loads them.
+with progress every 10 s; Megatron reshards them into the chosen layout when the trainer loads them. Then every
+written tensor is read back against the HF weights (`--verify none` skips it).
 
 The run config starts from the exporter's copy of the original one (rf_megatron_run_config.yaml) if
 present, else from the defaults; `section.key=value` overrides follow. The saved run config is a
@@ -40,6 +41,8 @@ def parse_args(argv):
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the checkpoint")
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per pipeline rank")
     p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--verify", choices=("weights", "none"), default="weights",
+                   help="read every written tensor back against the HF weights (one layer at a time)")
     p.add_argument("--ports", help=argparse.SUPPRESS)  # no longer used: the import runs in one process
     p.add_argument("overrides", nargs="*", help="run config overrides, section.key=value")
     return p.parse_args(argv)
@@ -55,7 +58,8 @@ def main(argv=None) -> int:
         print("note: --ports is no longer needed (the import runs in one process); ignored", file=sys.stderr)
     try:
         import_hf(args.hf, args.output, tp=args.tp, pp=args.pp, vpp=args.vpp,
-                  overrides=overrides_from_argv(args.overrides), force=args.force)
+                  overrides=overrides_from_argv(args.overrides), force=args.force,
+                  verify=args.verify == "weights")
     except (ConversionError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -84,8 +84,28 @@ class MegatronTensorsFromHF:
         return self.cached[inside]
 
 
+def verify_import(iter_dir: Path, weights: HFWeights, model) -> int:
+    """Read every written tensor back, mapped to HF names by the export's own path (one layer at a time), and
+    compare it with the HF tensor it was made from, in the checkpoint's dtype. Returns the number checked."""
+    from .dist_tensors import DistCheckpointTensors
+    from .export import hf_tensors
+    from .safetensors_io import natural_key
+    from .weights import global_names_to_hf
+
+    tensors = DistCheckpointTensors(iter_dir)
+    from_global = {hf: name for name, hf in global_names_to_hf(tensors.global_shapes(), model).items()}
+    tied = not model.untie_embeddings_and_output_weights
+    names = [n for n in sorted(weights.shapes, key=natural_key) if not (tied and n == "lm_head.weight")]
+    for name, got in hf_tensors(tensors, names, model, from_global):
+        if not torch.equal(got, weights[name].to(got.dtype)):
+            raise ConversionError(f"verification failed: {name} reads back from {iter_dir} different from the HF "
+                                  "weights")
+    return len(names)
+
+
 def import_hf(hf_dir, output, tp: int = 1, pp: int = 1, vpp: Optional[int] = None, overrides: Sequence[str] = (),
-              force: bool = False, log=print) -> Path:
+              force: bool = False, verify: bool = True, log=print) -> Path:
+    """verify: read every written tensor back against the HF weights (`verify_import`, one layer at a time)."""
     import time
 
     from ..checkpointing import save_checkpoint
@@ -117,6 +137,9 @@ def import_hf(hf_dir, output, tp: int = 1, pp: int = 1, vpp: Optional[int] = Non
             save_checkpoint(root, 0, [build_meta_model(cfg.model, cfg.parallel.params_dtype)], None, None,
                             {"consumed_samples": 0}, (work / "run_config.yaml").read_text(), keep_last=0,
                             sharded_strategy=StreamingSaveStrategy(source, log))
+        if verify:
+            checked = verify_import(root / "iter_0000000", source.weights, cfg.model)
+            log(f"verified: {checked} tensors read back equal the HF weights")
         if (hf_dir / "tokenizer.model").exists():
             shutil.copyfile(hf_dir / "tokenizer.model", root / "tokenizer.model")
         publish(root, output, force)
