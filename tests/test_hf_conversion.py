@@ -425,6 +425,36 @@ def test_import_verification_reads_back_and_names_a_tensor_written_wrong(exporte
     assert not (tmp_path / "ckpt").exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
+def test_a_conversion_removes_what_killed_conversions_left_and_keeps_a_running_ones(exported, tmp_path):
+    """A converter killed with -9 leaves its temp folders (a 70B import: 140 GB); the next conversion to the same
+    output removes those whose process is gone and keeps one whose process still runs."""
+    from rf_megatron.hf.export import export
+    from rf_megatron.hf.import_hf import import_hf
+
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()  # SIGKILL
+    killed.wait()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for output in (tmp_path / "ckpt", tmp_path / "hf"):
+            dead = [tmp_path / f".{output.name}.{kind}-{killed.pid}" for kind in ("tmp", "work")]
+            alive = tmp_path / f".{output.name}.tmp-{running.pid}"
+            for folder in dead + [alive]:
+                (folder / "iter_0000000.tmp").mkdir(parents=True)
+            said = []
+            if output.name == "ckpt":
+                import_hf(exported["vanilla"][0], output, log=said.append)
+            else:
+                export(tmp_path / "ckpt", output, verify=False, log=said.append)
+            assert not any(folder.exists() for folder in dead) and alive.exists(), output
+            assert [line for line in said if "left by an interrupted conversion" in line] == [
+                f"removed {folder} (left by an interrupted conversion)" for folder in dead]
+            assert output.exists() and not (tmp_path / f".{output.name}.tmp-{os.getpid()}").exists()
+    finally:
+        running.kill()
+        running.wait()
+
+
 def test_foreign_llama_round_trip_with_tied_embeddings(foreign_llama, data, tmp_path):
     """transformers' own Llama folder -> TP1 x PP2 checkpoint (the last stage holds the tied output
     copy) -> HF: same tensors, same config essentials, native LlamaForCausalLM again."""

@@ -156,7 +156,7 @@ def export(checkpoint, output, dtype: str = "fp32", max_shard_size="5GB", tokeni
     if problem:
         raise ConversionError(f"damaged checkpoint: {problem} (manifest.json)")
 
-    tmp = fresh_tmp(output)
+    tmp = fresh_tmp(output, log)
     try:
         tensors = DistCheckpointTensors(it)
         shapes, from_global = plan_hf_tensors(tensors, cfg.model, DTYPES[dtype])

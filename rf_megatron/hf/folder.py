@@ -124,7 +124,34 @@ def write_model_files(folder: Path, hf_state, model, special: Dict[str, Optional
     return save_sharded(hf_state, folder, shard_bytes)
 
 
-def fresh_tmp(output: Path) -> Path:
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_leftovers(output: Path, log=print) -> None:
+    """Remove the temp folders (`.NAME.tmp-PID`, `.NAME.work-PID`) of earlier conversions to `output` that were
+    killed: their process no longer runs on this machine. A 70B conversion's leftover is 140 GB; one whose
+    process still runs is kept."""
+    prefix = f".{output.name}."
+    if not output.parent.is_dir():
+        return
+    for path in sorted(output.parent.iterdir()):
+        kind, _, pid = path.name[len(prefix):].rpartition("-")
+        if path.name.startswith(prefix) and kind in ("tmp", "work") and pid.isdigit() and int(pid) != os.getpid() \
+                and not _running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            log(f"removed {path} (left by an interrupted conversion)")
+
+
+def fresh_tmp(output: Path, log=print) -> Path:
+    """`.NAME.tmp-PID` next to `output`, empty, after removing what killed conversions left there."""
+    remove_leftovers(output, log)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

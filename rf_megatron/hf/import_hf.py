@@ -15,14 +15,13 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
 import yaml
 
-from .folder import RUN_CONFIG_COPY, publish
+from .folder import RUN_CONFIG_COPY, fresh_tmp, publish
 from .safetensors_io import HFWeights
 from .weights import ConversionError, global_rules, hf_to_megatron, layer_from_hf, model_config_from_hf
 
@@ -119,8 +118,9 @@ def import_hf(hf_dir, output, tp: int = 1, pp: int = 1, vpp: Optional[int] = Non
     if output.exists() and not force:
         raise ConversionError(f"output {output} exists (pass --force to replace it)")
     output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.work-", dir=output.parent))
-    root = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    root = fresh_tmp(output, log)  # the checkpoint root, renamed into place when complete
+    work = output.parent / f".{output.name}.work-{os.getpid()}"
+    work.mkdir(exist_ok=True)
     try:
         cfg = build_run_config(hf_dir, output, tp, pp, vpp, overrides, work)
         try:
@@ -128,8 +128,6 @@ def import_hf(hf_dir, output, tp: int = 1, pp: int = 1, vpp: Optional[int] = Non
         except FileNotFoundError as exc:
             raise ConversionError(str(exc)) from None
         save_yaml(cfg, work / "run_config.yaml")
-        if root.exists():
-            shutil.rmtree(root)
         begin = time.monotonic()
         log(f"writing {cfg.model.variant} for TP{tp} x PP{pp}"
             + (f" x VPP{vpp}" if vpp else "") + " ...")
