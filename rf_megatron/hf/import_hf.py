@@ -78,7 +78,7 @@ class MegatronTensorsFromHF:
             return self.weights[self.from_global[name]]
         layer, inside = name[len("decoder.layers."):].split(".", 1)
         if int(layer) != self.layer:  # a writer asks for a layer's tensors together: map each layer once
-            self.cached = {}
+            self.cached = {}  # drop the last layer before mapping the next: one layer in memory, not two
             self.cached, self.layer = layer_from_hf(int(layer), self.weights.__getitem__, self.model), int(layer)
         return self.cached[inside]
 
