@@ -19,7 +19,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, is_main_replica
-from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
@@ -106,18 +106,16 @@ class _StreamingPlanner(DefaultSavePlanner):
                      f"({self.done / elapsed:.0f} chunks/s, {self.done_bytes / 1e9 / elapsed:.2f} GB/s)")
 
 
-class StreamingSaveStrategy(SaveShardedStrategy):
+class StreamingSaveStrategy(TorchDistSaveShardedStrategy):
     """torch_dist version 1, the format Megatron's loader reads, written from `source`: `source.shapes` holds
     {global name: full shape} (checked against the model before anything is written), `source.tensor(name)` the
-    full tensor. One process, TP1 x PP1 chunks."""
+    full tensor. One process, TP1 x PP1 chunks. A subclass of Megatron's own torch_dist strategy with its `save`
+    replaced: Megatron >= 0.19 accepts no other kind (and then also hands the common state over as a
+    ShardedObject, `common_state`, instead of writing common.pt itself)."""
 
     def __init__(self, source, log=print):
         super().__init__("torch_dist", 1)
         self.source, self.log = source, log
-
-    @property
-    def can_handle_sharded_objects(self) -> bool:
-        return True
 
     def save(self, sharded_state_dict, checkpoint_dir) -> None:
         items, chunks, objects, wrong = [], {}, {}, []
