@@ -455,6 +455,29 @@ def test_a_conversion_removes_what_killed_conversions_left_and_keeps_a_running_o
         running.wait()
 
 
+def test_an_output_that_a_killed_force_replacement_moved_aside_comes_back(exported, trained, tmp_path):
+    """`--force` moves the old output to .NAME.old-PID, then renames the new one in: a kill between the two leaves
+    no output. The next conversion puts the old one back (and, without --force, refuses to replace it); where the
+    new output did get in, the moved-aside copy is removed."""
+    from rf_megatron.hf.export import export
+    from rf_megatron.hf.weights import ConversionError
+
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    killed.wait()
+    output, aside = tmp_path / "hf", tmp_path / f".hf.old-{killed.pid}"
+    shutil.copytree(exported["vanilla"][0], aside)
+    said = []
+    with pytest.raises(ConversionError, match="exists"):
+        export(trained["identity"], output, verify=False, log=said.append)
+    assert json.loads((output / "config.json").read_text())["model_type"] == "llama" and not aside.exists()
+    assert said == [f"restored {output} from {aside} (a --force replacement was interrupted before the new one "
+                    "was in)"]
+    shutil.copytree(exported["vanilla"][0], aside)  # the kill came after the new output was in: a stale copy
+    export(trained["identity"], output, verify=False, force=True, log=said.append)
+    assert not aside.exists() and json.loads((output / "config.json").read_text())["model_type"] == "rfgpt"
+
+
 def test_foreign_llama_round_trip_with_tied_embeddings(foreign_llama, data, tmp_path):
     """transformers' own Llama folder -> TP1 x PP2 checkpoint (the last stage holds the tied output
     copy) -> HF: same tensors, same config essentials, native LlamaForCausalLM again."""

@@ -21,7 +21,7 @@ import torch
 
 from ..checkpoint_dir import verify_checkpoint
 from .folder import (DTYPES, RUN_CONFIG_COPY, TRAIN_STATE_COPY, fresh_tmp, model_card, publish,  # noqa: F401
-                     write_config_files, write_model_files)
+                     remove_leftovers, write_config_files, write_model_files)
 from .source_checkpoint import (check_shard_files, find_tokenizer, load_megatron_model, megatron_logits,  # noqa: F401
                                 megatron_single_process, megatron_state, read_run_config, resolve_checkpoint)
 from .weights import ConversionError, global_names_to_hf, lambda_table, layer_to_hf, uses_remote_code
@@ -145,6 +145,7 @@ def export(checkpoint, output, dtype: str = "fp32", max_shard_size="5GB", tokeni
     except ValueError as exc:
         raise ConversionError(f"--max-shard-size: {exc}") from None
     output = Path(output).resolve()
+    remove_leftovers(output, log)  # before the exists check: it may put an output back
     if output.exists() and not force:
         raise ConversionError(f"output {output} exists (pass --force to replace it)")
     it = resolve_checkpoint(checkpoint)

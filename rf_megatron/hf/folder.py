@@ -135,16 +135,23 @@ def _running(pid: int) -> bool:
 
 
 def remove_leftovers(output: Path, log=print) -> None:
-    """Remove the temp folders (`.NAME.tmp-PID`, `.NAME.work-PID`) of earlier conversions to `output` that were
-    killed: their process no longer runs on this machine. A 70B conversion's leftover is 140 GB; one whose
-    process still runs is kept."""
+    """Clean up after earlier conversions to `output` that were killed (their process no longer runs on this
+    machine; a running one's folders are kept): remove their temp folders (`.NAME.tmp-PID`, `.NAME.work-PID`; a
+    70B conversion's is 140 GB), and put back an output that a `--force` replacement had moved aside
+    (`.NAME.old-PID`) when the kill came before the new one was in place."""
+    output = Path(output)
     prefix = f".{output.name}."
     if not output.parent.is_dir():
         return
     for path in sorted(output.parent.iterdir()):
         kind, _, pid = path.name[len(prefix):].rpartition("-")
-        if path.name.startswith(prefix) and kind in ("tmp", "work") and pid.isdigit() and int(pid) != os.getpid() \
-                and not _running(int(pid)):
+        if not (path.name.startswith(prefix) and kind in ("tmp", "work", "old") and pid.isdigit()
+                and int(pid) != os.getpid() and not _running(int(pid))):
+            continue
+        if kind == "old" and not output.exists():
+            path.rename(output)
+            log(f"restored {output} from {path} (a --force replacement was interrupted before the new one was in)")
+        else:
             shutil.rmtree(path, ignore_errors=True)
             log(f"removed {path} (left by an interrupted conversion)")
 

@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 import torch
 import yaml
 
-from .folder import RUN_CONFIG_COPY, fresh_tmp, publish
+from .folder import RUN_CONFIG_COPY, fresh_tmp, publish, remove_leftovers
 from .safetensors_io import HFWeights
 from .weights import ConversionError, global_rules, hf_to_megatron, layer_from_hf, model_config_from_hf
 
@@ -115,6 +115,7 @@ def import_hf(hf_dir, output, tp: int = 1, pp: int = 1, vpp: Optional[int] = Non
     hf_dir, output = Path(hf_dir).resolve(), Path(output).resolve()
     if not hf_dir.is_dir():
         raise ConversionError(f"--hf {hf_dir}: no such directory")
+    remove_leftovers(output, log)  # before the exists check: it may put an output back
     if output.exists() and not force:
         raise ConversionError(f"output {output} exists (pass --force to replace it)")
     output.parent.mkdir(parents=True, exist_ok=True)
