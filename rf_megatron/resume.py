@@ -73,8 +73,9 @@ class ResumeChecks:
             raise ConfigError(f"no checkpoint in checkpoint.dir={ckpt.dir} matches its checksums (each was moved "
                               "aside, see above): set checkpoint.start_over=true to start again")
         check_model_unchanged(path, dataclasses.asdict(self.cfg.model))
-        self.check_resumable(path, read_train_state(path))
-        self.run_id = read_train_state(path).get("run_id")
+        saved = read_train_state(path)
+        self.check_resumable(path, saved)
+        self.run_id = saved.get("run_id")
         self.skip_batches = batches_to_skip(path)
         self.health.pending.append(path.name)  # the next step judges it again
         return path
