@@ -108,7 +108,7 @@ def import_hf(hf_dir, output, tp: int = 1, pp: int = 1, vpp: Optional[int] = Non
     import time
 
     from ..checkpointing import save_checkpoint
-    from ..run_config import save_yaml
+    from ..run_config import to_dict
     from .source_checkpoint import megatron_single_process
     from .streaming_save import StreamingSaveStrategy, build_meta_model
 
@@ -128,13 +128,12 @@ def import_hf(hf_dir, output, tp: int = 1, pp: int = 1, vpp: Optional[int] = Non
             source = MegatronTensorsFromHF(HFWeights(hf_dir), cfg.model)
         except FileNotFoundError as exc:
             raise ConversionError(str(exc)) from None
-        save_yaml(cfg, work / "run_config.yaml")
         begin = time.monotonic()
         log(f"writing {cfg.model.variant} for TP{tp} x PP{pp}"
             + (f" x VPP{vpp}" if vpp else "") + " ...")
         with megatron_single_process():
             save_checkpoint(root, 0, [build_meta_model(cfg.model, cfg.parallel.params_dtype)], None, None,
-                            {"consumed_samples": 0}, (work / "run_config.yaml").read_text(), keep_last=0,
+                            {"consumed_samples": 0}, yaml.safe_dump(to_dict(cfg), sort_keys=False), keep_last=0,
                             sharded_strategy=StreamingSaveStrategy(source, log))
         if verify:
             checked = verify_import(root / "iter_0000000", source.weights, cfg.model)
