@@ -150,7 +150,7 @@ def load_checkpoint(path, model: List, optimizer, scheduler) -> Dict[str, Any]:
     state = _sharded_state(model, None if weights_only else optimizer, is_loading=True, with_rng=same_layout)
     if not weights_only:
         state["scheduler"] = None
-    from .safe_metadata import check, install
+    from .safe_checkpoint import check, install
 
     install()  # opening a checkpoint never runs code
     check(path)

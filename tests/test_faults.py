@@ -387,6 +387,104 @@ def test_a_crafted_metadata_runs_nothing_on_resume_or_export(data, copy_of, tmp_
     assert not marker.exists()
 
 
+def rewrite_manifest_entry(ckpt, name):
+    """What an attacker who can write the checkpoint does after changing a file: the manifest is integrity (it
+    catches accidents), not authenticity."""
+    import hashlib
+
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    raw = (ckpt / name).read_bytes()
+    manifest["files"][name] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def payload(marker, size=None) -> bytes:
+    """A pickle that runs `touch marker` when loaded unrestricted (torch.load reads a non-zip file as a legacy
+    pickle), padded to `size` bytes."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    raw = pickle.dumps(Payload(), protocol=2)
+    return raw if size is None else raw + b"\0" * (size - len(raw))
+
+
+def plant_in_bytes_item(ckpt, marker) -> str:
+    """Overwrite the first bytes item of the first .distcp (an `_extra_state` object) in place, same file length,
+    and rewrite the manifest: returns the item's key."""
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    metadata = pickle.loads((ckpt / ".metadata").read_bytes())  # the test's own file: plain pickle is fine here
+    items = sorted((info.relative_path, info.offset, info.length, index.fqn)
+                   for index, info in metadata.storage_data.items()
+                   if isinstance(metadata.state_dict_metadata[index.fqn], BytesStorageMetadata))
+    file, offset, length, key = items[0]
+    data = bytearray((ckpt / file).read_bytes())
+    data[offset:offset + length] = payload(marker, length)
+    (ckpt / file).write_bytes(bytes(data))
+    rewrite_manifest_entry(ckpt, file)
+    return key
+
+
+def test_a_payload_in_a_distcp_bytes_item_runs_nothing_on_resume_export_or_analysis(data, copy_of, tmp_path):
+    marker = tmp_path / "payload-ran"
+    key = plant_in_bytes_item(copy_of / "ckpt" / "iter_0000006", marker)
+    proc = train(data, copy_of, check=False, **{"train.train_steps": 8})  # resume: it must load
+    assert not marker.exists()
+    line = one_error_line(proc)
+    assert "refusing to unpickle posix.system" in line and key in line, line
+    for tool, args in (("convert_checkpoint_to_hf.py", ["--checkpoint", copy_of / "ckpt", "--output", copy_of / "hf"]),
+                       ("analyze_attention.py", ["--checkpoint", copy_of / "ckpt", "--text", REPO / "README.md",
+                                                 "--out", copy_of / "analysis"])):
+        proc = subprocess.run([sys.executable, str(REPO / "tools" / tool), *map(str, args)], capture_output=True,
+                              text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert proc.returncode != 0 and "refusing to unpickle posix.system" in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not marker.exists()
+
+
+def test_dcp_itself_loads_bytes_items_restricted_once_installed(copy_of, tmp_path):
+    """Defence in depth: whatever path reaches torch DCP's planner (not only our loaders' pre-check)."""
+    import io
+
+    import torch.distributed.checkpoint as dcp
+
+    from rf_megatron.safe_checkpoint import install
+
+    marker = tmp_path / "payload-ran"
+    ckpt = copy_of / "ckpt" / "iter_0000006"
+    key = plant_in_bytes_item(ckpt, marker)
+    install()
+    with pytest.raises(BaseException, match="refusing to unpickle posix.system"):
+        dcp.load({key: io.BytesIO()}, storage_reader=dcp.FileSystemReader(str(ckpt)), no_dist=True)
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def trained_deepspeed(data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained_ds")
+    train(data, run, script=TRAIN_DS, **{"train.train_steps": 2})
+    return run
+
+
+@pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+def test_a_payload_in_a_deepspeed_file_runs_nothing_on_resume(data, trained_deepspeed, tmp_path, name):
+    run = tmp_path / "run"
+    shutil.copytree(trained_deepspeed, run)
+    marker = tmp_path / "payload-ran"
+    ckpt = run / "ckpt" / "iter_0000002"
+    (ckpt / name).write_bytes(payload(marker))
+    rewrite_manifest_entry(ckpt, name)
+    proc = train(data, run, check=False, script=TRAIN_DS, **{"train.train_steps": 4})
+    assert not marker.exists()
+    line = one_error_line(proc)
+    assert "refusing to unpickle posix.system" in line and name in line, line
+
+
 def test_verification_names_a_missing_file_and_a_pointer_that_names_nothing(tmp_path):
     from rf_megatron.checkpoint_dir import CheckpointError, latest_checkpoint, verify_checkpoint, write_manifest
 

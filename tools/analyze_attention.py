@@ -31,18 +31,22 @@ def main(argv=None) -> int:
     p.add_argument("--max-recompute-err", type=float, default=1e-3,
                    help="fail if recomputed attention differs from the kernel's output by more")
     a = p.parse_args(argv)
+    from rf_megatron.quiet import silence_known_warnings
+
+    silence_known_warnings()  # before Megatron's import: the project's warning policy (rf_megatron/quiet.py)
 
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
     from rf_megatron.config import ConfigError
+    from rf_megatron.safe_checkpoint import UnsafeCheckpoint
     from rf_megatron.scaling.attention_stats import analyse_checkpoint, plot, table
     from rf_megatron.scaling.cli_common import write_json
     from rf_megatron.tokenizer import TokenizerError
 
     # a model key missing from the checkpoint (StrictHandling.RAISE_UNEXPECTED), no checkpoint,
-    # a TE checkpoint, a bad run config / tokenizer, a text too short
+    # a TE checkpoint, a bad run config / tokenizer, a text too short, a crafted pickle
     USER_ERRORS = (CheckpointingException, FileNotFoundError, NotImplementedError, ConfigError, TokenizerError,
-                   ValueError)
+                   ValueError, UnsafeCheckpoint)
 
     text = Path(a.text).read_text(encoding="utf-8")
     results = {}

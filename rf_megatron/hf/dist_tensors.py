@@ -60,9 +60,9 @@ class DistCheckpointTensors:
     """The model tensors of one `iter_N` directory: shapes from the metadata alone, data one region at a time."""
 
     def __init__(self, iter_dir):
-        from ..safe_metadata import install
+        from ..safe_checkpoint import install
 
-        install()  # opening a checkpoint never runs code (rf_megatron/safe_metadata.py)
+        install()  # opening a checkpoint never runs code (rf_megatron/safe_checkpoint.py)
         self.path = Path(iter_dir)
         self.reader = FileSystemReader(str(self.path))
         self.metadata = self.reader.read_metadata()

@@ -44,11 +44,12 @@ def check_shard_files(it: Path) -> None:
     """Every data file named by the torch_dist metadata must exist."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    from ..safe_metadata import UnsafeCheckpoint, install
+    from ..safe_checkpoint import UnsafeCheckpoint, check, install
 
-    install()  # opening a checkpoint never runs code (rf_megatron/safe_metadata.py)
+    install()  # opening a checkpoint never runs code (rf_megatron/safe_checkpoint.py)
     try:
         metadata = FileSystemReader(str(it)).read_metadata()
+        check(it)  # and neither does any object pickled in it
     except UnsafeCheckpoint as exc:
         raise ConversionError(str(exc)) from None
     except Exception as exc:  # a truncated or foreign .metadata
@@ -135,7 +136,7 @@ def load_megatron_model(it: Path, cfg):
 
     parallel = ParallelConfig()  # fp32; dist_checkpointing casts bf16 checkpoints on load
     model = build_model_chunks(cfg.model, build_transformer_config(cfg.model, parallel, cpu=True))[0]
-    from ..safe_metadata import install
+    from ..safe_checkpoint import install
 
     install()
     try:

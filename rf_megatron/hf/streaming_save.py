@@ -66,7 +66,7 @@ def _leaves(state, name: str = "") -> Iterator[Tuple[str, object]]:
 class _Writer(FileSystemWriter):
     def storage_meta(self) -> Optional[StorageMeta]:
         """The checkpoint id as a str, as Megatron writes it (FileSystemWriter's is a Path, which
-        rf_megatron.safe_metadata refuses to unpickle: DCP metadata holds DCP's own types only)."""
+        rf_megatron.safe_checkpoint refuses to unpickle: DCP metadata holds DCP's own types only)."""
         meta = super().storage_meta()
         return meta if meta is None else StorageMeta(checkpoint_id=str(meta.checkpoint_id), save_id=meta.save_id)
 

@@ -89,9 +89,10 @@ def load_model(checkpoint):
 
     config = build_transformer_config(cfg.model, cfg.parallel, cpu=not on_gpu())
     model = build_model_chunks(cfg.model, config)[0].to(current_device())
-    from ..safe_metadata import install
+    from ..safe_checkpoint import check, install
 
     install()  # opening a checkpoint never runs code
+    check(iter_dir)
     loaded = dist_checkpointing.load({"model0": model.sharded_state_dict()}, str(iter_dir),
                                      strict=StrictHandling.RAISE_UNEXPECTED)
     model.load_state_dict(loaded["model0"])

@@ -123,6 +123,9 @@ class DeepSpeedTrainer(TrainingLoop):
                                       eps=o.adam_eps, weight_decay=o.weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                                                  config=self.ds_config)
+        from ..safe_checkpoint import safe_deepspeed_checkpoint_engine
+
+        self.engine.checkpoint_engine = safe_deepspeed_checkpoint_engine()  # its files never run code on resume
         self.scheduler = build_scheduler(self.optimizer, o, t.train_steps)
         self.train_ds, self.valid_ds, self.test_ds = build_run_datasets(cfg, self.tokenizer, self.skip_batches)
         self.resume(resume_from, log_writer=self.rank == 0)
@@ -213,8 +216,15 @@ class DeepSpeedTrainer(TrainingLoop):
         return {"zero_stage": self.stage, "world_size": self.world}
 
     def load(self, path: Path) -> Dict:
-        load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
+        from ..safe_checkpoint import UnsafeCheckpoint
+
+        try:
+            load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False)
+        except UnsafeCheckpoint as exc:
+            error = ConfigError(str(exc))
+            error.every_rank = True  # each rank reads its own partition
+            raise error from None
         if load_path is None:
             raise ConfigError(f"{path}: DeepSpeed found no checkpoint files there")
         state = json.loads((path / "train_state.json").read_text())
