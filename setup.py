@@ -19,6 +19,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["rf_megatron", "rf_megatron.*"]),
     include_package_data=True,
+    # our launcher (rf_megatron/launch.py): torchrun's options, the failing rank's own error line and exit code
+    entry_points={"console_scripts": ["rf-pretrain = rf_megatron.launch:main"]},
     # Every upper bound is a version CI ran (constraints.txt holds the exact set; RF_CI_LATEST=1 bash .ci/run tries
     # the newest versions these ranges allow). Raise a bound only after that run is green.
     install_requires=[

@@ -55,6 +55,7 @@ def exit_now(code: int) -> None:
     multiprocessing Manager would otherwise outlive us, holding the launcher's output pipes open)."""
     import psutil
 
+    _release_run_lock()
     sys.stdout.flush()
     sys.stderr.flush()
     for child in psutil.Process().children(recursive=True):
@@ -69,7 +70,15 @@ def exit_process(code: int) -> None:
     """An entry point's last call: `sys.exit(code)`, except that with a process group still up (a run that stopped
     on a config error after building it) the interpreter's teardown is skipped: with gloo's threads alive it can
     abort in C++ ("terminate called without an active exception", exit -6 instead of 2; seen once in CI)."""
+    _release_run_lock()
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         exit_now(code)
     sys.exit(code)
+
+
+def _release_run_lock() -> None:
+    """A run's checkpoint-directory lock goes with its process, however it ends (rf_megatron/run_lock.py)."""
+    run_lock = sys.modules.get("rf_megatron.run_lock")
+    if run_lock is not None:
+        run_lock.release()

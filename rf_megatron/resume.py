@@ -57,6 +57,7 @@ class ResumeChecks:
         self.health = HealthMonitor(ckpt.dir, self.cfg.train.loss_spike_factor, writer=is_rank0())
         if not ckpt.dir:
             return None
+        hold_checkpoint_dir(ckpt.dir)
         path = None
         if ckpt.resume and not ckpt.start_over:
             try:
@@ -100,6 +101,33 @@ class ResumeChecks:
                 changes.append(f"{section}.{key} {old} -> {new}")
         if changes:
             self._print(f"note: the LR schedule follows this run's config, changed since the checkpoint: {', '.join(changes)}")
+
+
+def hold_checkpoint_dir(root) -> None:
+    """Rank 0 takes the directory's run lock (rf_megatron/run_lock.py); every rank raises the same one-line
+    ConfigError when another live run holds it."""
+    import torch.distributed as dist
+
+    from . import run_lock
+    from .checkpoint_dir import is_rank0
+    from .config import ConfigError
+
+    problem = None
+    if is_rank0():
+        try:
+            run_lock.acquire(root, say=_say)
+        except run_lock.DirectoryInUse as exc:
+            problem = str(exc)
+        except OSError as exc:  # a read-only or full checkpoint.dir
+            from .disk_space import write_problem
+
+            problem = write_problem(exc, root) or f"cannot write checkpoint.dir={root}: {exc.strerror or exc}"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [problem]
+        dist.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem:
+        raise ConfigError(problem)
 
 
 def _say(msg: str) -> None:

@@ -55,13 +55,13 @@ class TrainConfig:
     lambda_log_interval: int = 100  # per-layer lambdas of learnable variants
     nan_policy: str = "stop"  # stop | skip: what a NaN/Inf loss or grad norm does
     exit_duration_mins: Optional[float] = None  # save and exit cleanly after this wall time
-    exit_on_signal: bool = True  # SIGTERM / SIGUSR1: finish the step, save, exit 0
+    exit_on_signal: bool = True  # SIGTERM / SIGUSR1 / SIGINT: finish the step, save, exit 0 (a 2nd SIGINT: at once)
     exit_interval: Optional[int] = None  # save and exit after a step that is a multiple of this
 
 
 @dataclass
 class CheckpointConfig:
-    dir: Optional[str] = None  # None: no checkpoints
+    dir: Optional[str] = "{logging.dir}/checkpoints"  # null: no checkpoints
     save_interval: int = 0  # 0: only at the end (and on exit signals)
     keep_last: int = 2
     resume: bool = True  # resume automatically from the latest checkpoint in dir
@@ -73,7 +73,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    dir: str = "runs/default"  # resolved config, metrics.jsonl, tensorboard, wandb
+    dir: str = "runs/{name}"  # resolved config, metrics.jsonl, tensorboard, wandb
     wandb_project: Optional[str] = None  # online when a key is configured, else offline
     tensorboard: bool = False
     peak_tflops: Optional[float] = None  # per device, for MFU; null: looked up from the GPU (rf_megatron/device_peak.py)
@@ -238,7 +238,16 @@ def load_run_config(config: str, overrides: Optional[List[str]] = None) -> RunCo
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    return _build(RunConfig, _merge(data, parse_overrides(overrides or [])), "")
+    return resolve_output_dirs(_build(RunConfig, _merge(data, parse_overrides(overrides or [])), ""))
+
+
+def resolve_output_dirs(cfg: RunConfig) -> RunConfig:
+    """Fill `{name}` and `{logging.dir}` into the output folders, so that `name=x` alone gives a run its own
+    folders (runs/x, runs/x/checkpoints) and a preset never sends two runs into one."""
+    cfg.logging.dir = cfg.logging.dir.replace("{name}", cfg.name)
+    if cfg.checkpoint.dir is not None:
+        cfg.checkpoint.dir = cfg.checkpoint.dir.replace("{name}", cfg.name).replace("{logging.dir}", cfg.logging.dir)
+    return cfg
 
 
 def to_dict(cfg: RunConfig) -> Dict[str, Any]:

@@ -77,8 +77,11 @@ class _RestrictedPickle:
 
 
 def _resolve(specs):
-    """The importable ones of 'module:name' specs (numpy 1 and 2 name _reconstruct differently)."""
-    found = []
+    """The importable ones of 'module:name' specs (numpy 1 and 2 name _reconstruct differently), and numpy 2's
+    dtype classes (a pickled uint32 array names `numpy.dtypes.UInt32DType`)."""
+    import numpy
+
+    found = [getattr(numpy.dtypes, n) for n in dir(getattr(numpy, "dtypes", None)) if n.endswith("DType")]
     for spec in specs:
         module, name = spec.split(":")
         try:
@@ -97,7 +100,7 @@ def load_pickled(data, source: str, extra_globals=(), map_location="cpu"):
         try:
             return torch.load(stream, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as exc:
-            found = re.search(r"GLOBAL (\S+)", str(exc))
+            found = re.search(r"GLOBAL (\S+)", str(exc)) or re.search(r"but got <class '([^']+)'>", str(exc))
             what = found.group(1) if found else "it"
             reason = "" if found else f" ({_first_reason(str(exc))})"
             raise UnsafeCheckpoint(f"{source}: refusing to unpickle {what}{reason}, which a checkpoint never holds "

@@ -23,6 +23,10 @@ class TrainingStopped(RuntimeError):
     """A NaN/Inf under nan_policy=stop: a clear message instead of a corrupted run."""
 
 
+class CheckpointNotSaved(TrainingStopped):
+    """A save that the disk refused (full, read-only): the run stops with the previous checkpoint intact."""
+
+
 class TrainingLoop(ResumeChecks):
     """The trainer skeleton. It owns the run's life: the finished-run check, finding and checking the checkpoint
     to resume, the resume bookkeeping (step, data position, rewinds, schedule notes), the training stream, the
@@ -32,10 +36,15 @@ class TrainingLoop(ResumeChecks):
     `find_resume_checkpoint()`; it implements the engine hooks below."""
 
     ENGINE = ""  # train_state.json's "engine" of this trainer's checkpoints
+    COLLECTIVE_SAVE = True  # every rank sees a failed save (DCP gathers the write results); False: rank-local
 
     def __init__(self, cfg) -> None:
         stop_if_finished(cfg)
         self.cfg = cfg
+        self.started = time.time()  # the summary's wall time: start-up included
+        self.last_checkpoint: Optional[str] = None  # the newest checkpoint saved or resumed: the summary names it
+        self.last_train_loss: Optional[float] = None
+        self.last_eval: Optional[Tuple[float, int, bool]] = None  # validation (loss, tokens, whole set)
 
     # --- engine hooks ---------------------------------------------------------------------------
     def train_step(self) -> Tuple[float, float, bool]:
@@ -92,11 +101,14 @@ class TrainingLoop(ResumeChecks):
         t = self.cfg.train
         if dist.get_rank() == 0:
             save_yaml(self.cfg, os.path.join(self.cfg.logging.dir, "config.yaml"))
+        self._print(f"writing to {self.cfg.logging.dir} (metrics.jsonl, config.yaml), checkpoints "
+                    + (f"to {self.cfg.checkpoint.dir}" if self.cfg.checkpoint.dir else "off (checkpoint.dir=null)"))
         self.step, consumed, self._saved_step = 0, 0, None  # _saved_step: whose checkpoint exists (no double saves)
         if path is not None:
             state = self.load(path)
             self.step, consumed = state["step"], state["consumed_samples"]
             self._saved_step = self.step
+            self.last_checkpoint = str(path)
             self._print(f"resumed from {path} at step {self.step} ({consumed} samples consumed)"
                         + ("; weights only (an HF import): a fresh optimizer and LR schedule"
                            if state.get("weights_only") else ""))
@@ -151,8 +163,82 @@ class TrainingLoop(ResumeChecks):
         if not ckpt.dir or self._saved_step == self.step:
             return
         self._saved_step = self.step
-        path = self.write_checkpoint(Path(ckpt.dir), self.train_state())
+        root = Path(ckpt.dir)
+        self._check_room(root)
+        try:
+            path = self.write_checkpoint(root, self.train_state())
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # torch DCP's CheckpointException is a BaseException
+            self._disk_problem(exc, root)
+            raise
+        self.last_checkpoint = str(path)
         self._print(f"saved checkpoint {path}")
+
+    def _check_room(self, root: Path) -> None:
+        """Refuse a save that cannot fit (the last checkpoint's size is known) before writing anything."""
+        from .checkpoint_dir import latest_checkpoint
+        from .disk_space import check_room
+
+        problem = None
+        if dist.get_rank() == 0:
+            try:
+                problem = check_room(root, latest_checkpoint(root))
+            except Exception:  # a damaged `latest`: nothing to estimate from; the resume checks say what is wrong
+                problem = None
+        shared = [problem]
+        dist.broadcast_object_list(shared, src=0)
+        if shared[0]:
+            raise CheckpointNotSaved(f"{shared[0]}: step {self.step} was not saved; {self._kept(root)}")
+
+    def _disk_problem(self, exc: BaseException, root: Path) -> None:
+        """A save that failed on a full or read-only disk: remove what it wrote, raise one line (else return)."""
+        import shutil
+
+        from .checkpoint_dir import latest_checkpoint
+        from .disk_space import write_problem
+
+        problem = write_problem(exc, root)
+        if problem is None:
+            return
+        name = f"iter_{self.step:07d}"
+        try:
+            kept = latest_checkpoint(root)
+        except Exception:
+            kept = None
+        removed = []
+        for partial in (root / f"{name}.tmp", root / name):
+            if partial.exists() and partial != kept:
+                shutil.rmtree(partial, ignore_errors=True)
+                removed.append(partial.name)
+        error = CheckpointNotSaved(f"{problem}: step {self.step} was not saved"
+                                   + (f" (its partial {', '.join(removed)} removed)" if removed else "")
+                                   + f"; {self._kept(root)}")
+        error.every_rank = not self.COLLECTIVE_SAVE  # a rank-local write failed on this rank alone
+        raise error from None
+
+    @staticmethod
+    def _kept(root: Path) -> str:
+        from .checkpoint_dir import latest_checkpoint
+
+        try:
+            kept = latest_checkpoint(root)
+        except Exception:
+            kept = None
+        if kept is None:
+            return "there is no earlier checkpoint"
+        return f"{kept.name} is kept: make room and rerun the same command to resume from it"
+
+    def closing_summary(self, result: Dict) -> str:
+        """The lines a run ends with (rf_megatron/run_summary.py), from what this process saw."""
+        from .run_summary import summary
+
+        outcome = {"step": self.step, "tokens": self.stream.consumed_samples * self.cfg.model.seq_length,
+                   "train_loss": self.last_train_loss, "checkpoint": self.last_checkpoint,
+                   "stopped": result.get("stopped")}
+        if self.last_eval is not None:
+            outcome.update(zip(("valid_loss", "valid_tokens", "valid_whole"), self.last_eval))
+        return summary(self.cfg, self.ENGINE, outcome, time.time() - self.started)
 
     @property
     def run_config_yaml(self) -> str:
@@ -166,6 +252,9 @@ class TrainingLoop(ResumeChecks):
         return self.optimizer.param_groups[0]["lr"]
 
     def close(self) -> None:
+        from . import run_lock
+
+        run_lock.release()
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
@@ -198,6 +287,7 @@ class TrainingLoop(ResumeChecks):
         # tokens/s and MFU count the training steps' own time: evaluation, checkpoints and logging are excluded
         window_loss, window_steps, window_seconds = 0.0, 0, 0.0
         result = {}
+        self._loop_start, self._first_step = time.time(), self.step  # the step lines' elapsed time and ETA
         try:
             if t.eval_only:
                 return {"valid_loss": self._log_eval(), **self._log_test(), "step": self.step}
@@ -260,14 +350,19 @@ class TrainingLoop(ResumeChecks):
             from .device_peak import peak_tflops
 
             self._peak_tflops = peak_tflops(self.cfg.logging.peak_tflops, fp8=bool(self.cfg.parallel.fp8))
+        from .run_summary import count, progress
+
         mfu = tflops / self._peak_tflops if self._peak_tflops else None
+        tokens = self.stream.consumed_samples * self.cfg.model.seq_length
+        self.last_train_loss = mean_loss
         metrics = {"loss": mean_loss, "last_loss": loss, "lr": lr, "grad_norm": grad_norm,
                    "tokens_per_s": tokens_per_s, "tflops_per_device": tflops,
-                   "mfu": mfu, "consumed_samples": self.stream.consumed_samples, **_peak_memory()}
+                   "mfu": mfu, "consumed_samples": self.stream.consumed_samples, "tokens": tokens, **_peak_memory()}
         self.metrics.log(self.step, metrics, console=(
             f"step {self.step:>6}/{self.cfg.train.train_steps} | loss {mean_loss:.4f} | lr {lr:.3e} | "
             f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | {tflops:.3f} TFLOP/s/device | "
-            f"MFU {f'{100 * mfu:.2f}%' if mfu is not None else 'n/a'}"))
+            f"MFU {f'{100 * mfu:.2f}%' if mfu is not None else 'n/a'} | {count(tokens)} tokens | "
+            + progress(self.step, self.cfg.train.train_steps, self._first_step, time.time() - self._loop_start)))
 
     def eval_window(self, dataset) -> Tuple[int, int]:
         """(global batches, samples) one evaluation of a held-out set scores: its first eval_steps global batches,
@@ -281,11 +376,17 @@ class TrainingLoop(ResumeChecks):
         dataset = getattr(self, f"{name}_ds", None)
         if dataset is None:  # data.split without that part, and no data.<name>_paths
             return float("nan")
+        from .run_summary import eval_scope
+
         loss, tokens = self.evaluate(dataset)
         ppl = math.exp(min(loss, 50))
         what = {"valid": "validation", "test": "test"}[name]
+        whole = self.eval_window(dataset)[1] == len(dataset)
+        if name == "valid":
+            self.last_eval = (loss, tokens, whole)
         self.metrics.log(self.step, {f"{name}_loss": loss, f"{name}_ppl": ppl, f"{name}_tokens": tokens},
-                         console=f"step {self.step:>6} | {what} loss {loss:.4f} | ppl {ppl:.2f} | {tokens:,} tokens")
+                         console=f"step {self.step:>6} | {what} loss {loss:.4f} | ppl {ppl:.2f} | "
+                                 f"{eval_scope(tokens, whole)}")
         return loss
 
     def _log_test(self) -> Dict[str, float]:

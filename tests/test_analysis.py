@@ -118,6 +118,11 @@ def test_table_plot_and_summary_for_each_model(analysis, checkpoints):
     assert (out / "attention_stats.png").stat().st_size > 10_000
 
 
+def test_the_tool_prints_no_library_warnings(analysis):
+    """Megatron's missing-Apex notes and library deprecations are not the user's business (rf_megatron/quiet.py)."""
+    assert "Warning" not in analysis[3].stderr, analysis[3].stderr[-3000:]
+
+
 def test_checkpoint_saved_under_tp2_loads_into_one_process(analysis):
     """Same seed, data and steps under TP1 and TP2 give the same weights (to float noise), so a TP2
     checkpoint loaded TP1 must give the TP1 checkpoint's numbers."""

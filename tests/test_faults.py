@@ -5,9 +5,11 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -138,6 +140,128 @@ def test_deepspeed_refuses_a_fresh_run_into_a_used_directory(data, copy_of):
     line = one_error_line(train(data, copy_of, check=False, script=TRAIN_DS,
                                 **{"checkpoint.resume": "false", "train.train_steps": 2}))
     assert "holds checkpoints of an earlier run" in line
+
+
+# --- one run per checkpoint directory (rf_megatron/run_lock.py) ------------------------------------------------
+def start(data, run, script=TRAIN, **extra):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RF_MEGATRON_CPU": "1", "RANK": "0",
+           "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    return subprocess.Popen([sys.executable, str(script), "--config", "tiny_cpu", *overrides(data, run, **extra)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_runs_started_together_in_one_checkpoint_dir_one_trains_the_other_is_refused(data, tmp_path):
+    first = start(data, tmp_path / "a", **{"checkpoint.dir": tmp_path / "shared", "train.train_steps": 8})
+    time.sleep(0.5)
+    second = start(data, tmp_path / "b", **{"checkpoint.dir": tmp_path / "shared", "train.train_steps": 8})
+    results = [(p.wait(timeout=600), *p.communicate()) for p in (first, second)]
+    assert sorted(rc for rc, _, _ in results) == [0, 2], [(rc, err[-1500:]) for rc, _, err in results]
+    _, _, err = next(r for r in results if r[0] == 2)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert "is in use by another run (pid" in errors[0] and socket.gethostname() in errors[0], errors[0]
+    assert not (tmp_path / "shared" / "run.lock").exists()  # released by the run that trained
+
+
+def hold_lock_as_this_process(root):
+    import psutil
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                               "pid_started": psutil.Process().create_time(), "since": "now"}))
+
+
+@pytest.mark.parametrize("script, extra", [(TRAIN_DS, {"train.train_steps": 8}), (TRAIN, {"train.eval_only": "true"})],
+                         ids=["deepspeed", "eval_only"])
+def test_a_live_holder_of_the_lock_refuses_every_run_in_one_line(data, copy_of, script, extra):
+    hold_lock_as_this_process(copy_of / "ckpt")  # this test process is the live holder
+    line = one_error_line(train(data, copy_of, check=False, script=script, **extra))
+    assert f"pid {os.getpid()} on {socket.gethostname()}" in line and "run.lock" in line, line
+
+
+# --- full and read-only disks: real small file systems (a tmpfs, a read-only bind mount) in a mount namespace ----
+def in_mount_namespace(mounts: str, command, tmp_path, listing=None, env=None):
+    """Run `command` after `mounts` (shell) in a private mount namespace (`unshare -rm`: no root needed where user
+    namespaces are allowed, and nothing to unmount); `listing` (a dir inside a mount) is listed afterwards into
+    tmp_path/listing.txt, since the mount goes with the namespace."""
+    after = f'find "{listing}" > "{tmp_path / "listing.txt"}"; ' if listing else ""
+    script = f'{mounts} || exit 97; "$@"; rc=$?; {after}exit $rc'
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *map(str, command)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode == 97 or "unshare failed" in proc.stderr:
+        pytest.skip(f"cannot mount a small file system here: {proc.stderr.strip()[:200]}")
+    return proc
+
+
+def train_env():
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RF_MEGATRON_CPU": "1", "RANK": "0",
+            "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+
+
+def error_lines(proc):
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+
+
+@pytest.mark.parametrize("size_kb, expected", [
+    (400, ["no space left on the device", "step 2 was not saved (its partial iter_0000002.tmp removed)",
+           "there is no earlier checkpoint"]),
+    (1000, ["kB free, and the last checkpoint (iter_0000002) took 69", "step 4 was not saved;",
+            "iter_0000002 is kept: make room and rerun the same command to resume from it"]),
+], ids=["full-mid-write", "no-room-for-the-next"])
+def test_a_checkpoint_dir_that_fills_up_stops_in_one_line_and_keeps_the_last_checkpoint(data, tmp_path, size_kb,
+                                                                                      expected):
+    ckpt = tmp_path / "small_disk"
+    ckpt.mkdir()
+    command = [sys.executable, TRAIN, "--config", "tiny_cpu",
+               *overrides(data, tmp_path, **{"checkpoint.dir": ckpt})]
+    proc = in_mount_namespace(f'mount -t tmpfs -o size={size_kb}k tmpfs "{ckpt}"', command, tmp_path, ckpt,
+                              env=train_env())
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    errors = error_lines(proc)
+    assert len(errors) == 1 and all(e in errors[0] for e in expected), errors
+    assert str(ckpt) in errors[0]
+    left = {Path(p).name for p in (tmp_path / "listing.txt").read_text().split()}
+    assert not [name for name in left if name.endswith(".tmp") or name == "run.lock"], left
+    if size_kb == 1000:
+        assert {"iter_0000002", "latest", "manifest.json"} <= left and "iter_0000004" not in left, left
+
+
+def test_a_read_only_checkpoint_dir_is_one_line(data, copy_of, tmp_path):
+    ckpt = copy_of / "ckpt"
+    command = [sys.executable, TRAIN, "--config", "tiny_cpu", *overrides(data, copy_of, **{"train.train_steps": 8})]
+    proc = in_mount_namespace(f'mount --bind "{ckpt}" "{ckpt}" && mount -o remount,bind,ro "{ckpt}"', command,
+                              tmp_path, env=train_env())
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = error_lines(proc)
+    assert len(errors) == 1 and f"cannot write {ckpt}: the file system is read-only" in errors[0], errors
+
+
+def test_the_converters_on_a_read_only_or_full_target_say_so_in_one_line(copy_of, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    export = [sys.executable, REPO / "tools" / "convert_checkpoint_to_hf.py", "--checkpoint", copy_of / "ckpt"]
+    target = tmp_path / "target"
+    target.mkdir()
+    cases = {"read-only": (f'mount --bind "{target}" "{target}" && mount -o remount,bind,ro "{target}"',
+                           "the file system is read-only"),
+             "full": (f'mount -t tmpfs -o size=64k tmpfs "{target}"', "no space left on the device")}
+    for mounts, why in cases.values():
+        proc = in_mount_namespace(mounts, [*export, "--output", target / "hf"], tmp_path, target, env=env)
+        errors = error_lines(proc)
+        assert proc.returncode != 0 and len(errors) == 1 and f"cannot write {target}" in errors[0], proc.stderr[-2000:]
+        assert why in errors[0] and "nothing was written to" in errors[0], errors
+        assert (tmp_path / "listing.txt").read_text().split() == [str(target)]  # no leftovers
+    hf = tmp_path / "hf"
+    subprocess.run([*map(str, export), "--output", str(hf)], check=True, capture_output=True, cwd=REPO, env=env)
+    proc = in_mount_namespace(cases["full"][0], [sys.executable, REPO / "tools" / "convert_hf_to_checkpoint.py",
+                                                 "--hf", hf, "--output", target / "ckpt"], tmp_path, target, env=env)
+    errors = error_lines(proc)
+    assert proc.returncode != 0 and len(errors) == 1 and "no space left on the device" in errors[0], proc.stderr[-2000:]
+    assert (tmp_path / "listing.txt").read_text().split() == [str(target)]
+
+
+def test_the_lock_of_a_finished_run_is_gone(trained):
+    assert not (trained / "ckpt" / "run.lock").exists()
 
 
 # --- no process launch needed ---------------------------------------------------------------------------
@@ -498,3 +622,41 @@ def test_verification_names_a_missing_file_and_a_pointer_that_names_nothing(tmp_
         (tmp_path / "latest").write_bytes(pointer)
         with pytest.raises(CheckpointError, match="latest does not name a checkpoint"):
             latest_checkpoint(tmp_path)
+
+
+def test_a_lock_whose_process_is_gone_is_taken_over_in_one_line(tmp_path):
+    from rf_megatron import run_lock
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid, "since": "then"}))
+    said = []
+    try:
+        run_lock.acquire(tmp_path, say=said.append)
+        assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+        assert len(said) == 1 and "its process is gone" in said[0], said
+    finally:
+        run_lock.release()
+    assert not (tmp_path / "run.lock").exists()
+
+
+def test_a_requeued_slurm_job_takes_over_its_own_lock_from_another_node(tmp_path, monkeypatch):
+    from rf_megatron import run_lock
+
+    (tmp_path / "run.lock").write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "slurm_job": "4242"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    said = []
+    try:
+        run_lock.acquire(tmp_path, say=said.append)
+        assert "this SLURM job, requeued" in said[0], said
+    finally:
+        run_lock.release()
+
+
+def test_a_lock_held_on_another_node_by_another_job_is_refused(tmp_path, monkeypatch):
+    from rf_megatron import run_lock
+
+    (tmp_path / "run.lock").write_text(json.dumps({"host": "node-elsewhere", "pid": 7, "slurm_job": "1"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "2")
+    with pytest.raises(run_lock.DirectoryInUse, match="pid 7 on node-elsewhere, SLURM job 1"):
+        run_lock.acquire(tmp_path, say=print)

@@ -858,3 +858,15 @@ def test_evaluate_errors_are_one_line(exported, tmp_path):
         proc = evaluate_cli(*args)
         assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and message in proc.stderr, args
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.parametrize("tool", ["convert_checkpoint_to_hf.py", "convert_hf_to_checkpoint.py", "evaluate.py"])
+def test_help_shows_only_defaults_worth_showing_and_whole_sentences(tool):
+    """No `(default: True)` after a flag, no `(default: None)` after a help that says the default itself, and a
+    description that does not stop mid-sentence."""
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / tool), "--help"], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "(default: None)" not in proc.stdout and "(default: True)" not in proc.stdout, proc.stdout
+    description = " ".join(proc.stdout.split("\n\n")[1].split())
+    assert description.endswith("."), description

@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from rf_megatron.hf.cli import quiet  # noqa: E402
+from rf_megatron.hf.cli import HelpWithDefaults, quiet  # noqa: E402
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpWithDefaults)
     p.add_argument("--checkpoint", required=True, help="checkpoint root (uses 'latest') or an iter_N directory")
     p.add_argument("--output", required=True, help="HF folder to create")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the saved weights")
@@ -58,6 +58,14 @@ def main(argv=None) -> int:
     except (ConversionError, TokenizerExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BaseException as exc:  # a full or read-only output disk: one line (torch DCP's errors are BaseExceptions)
+        from rf_megatron.disk_space import conversion_problem
+
+        problem = conversion_problem(exc, args.output)
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -17,7 +17,7 @@ present, else from the defaults; `section.key=value` overrides follow. The saved
 starting point: the LR schedule of a resumed run follows the config it is started with. Then:
 
     torchrun --nproc-per-node N pretrain/pretrain_resformer.py --config OUT/iter_0000000/run_config.yaml \
-        data.paths=[...]            # checkpoint.dir already points at OUT
+        data.paths=[...]            # checkpoint.dir already points at OUT, logging.dir beside it
 
 Exit 2 with one line on bad input.
 """
@@ -29,12 +29,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from rf_megatron.hf.cli import quiet  # noqa: E402
+from rf_megatron.hf.cli import HelpWithDefaults, quiet  # noqa: E402
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
+                                formatter_class=HelpWithDefaults)
     p.add_argument("--hf", required=True, help="Hugging Face model folder")
     p.add_argument("--output", required=True, help="checkpoint root to create")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size of the checkpoint")
@@ -63,6 +63,14 @@ def main(argv=None) -> int:
     except (ConversionError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BaseException as exc:  # a full or read-only output disk: one line (torch DCP's errors are BaseExceptions)
+        from rf_megatron.disk_space import conversion_problem
+
+        problem = conversion_problem(exc, args.output)
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     return 0
 
 

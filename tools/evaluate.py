@@ -24,10 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
+from rf_megatron.hf.cli import HelpWithDefaults  # noqa: E402
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpWithDefaults)
     p.add_argument("folder", help="exported Hugging Face folder")
     p.add_argument("--tasks", help="comma-separated lm-eval task names")
     p.add_argument("--include-path", help="a directory of extra lm-eval task YAML files")

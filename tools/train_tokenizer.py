@@ -85,9 +85,8 @@ def file_sentences(path: str, json_key: str):
 def sample_sentences(args):
     """Read every input; return (sampled sentences, total lines). Reservoir keeps memory bounded."""
     rng = random.Random(args.seed)
-    sample, total = [], 0
+    sample, total, chars = [], 0, 0
     for path in args.input:
-        lines = chars = 0
         for line in file_sentences(path, args.json_key):
             if total < args.max_sentences:
                 sample.append(line)
@@ -96,9 +95,10 @@ def sample_sentences(args):
                 if j < args.max_sentences:
                     sample[j] = line
             total += 1
-            lines += 1
             chars += len(line)
-        print(f"read {path}: {lines:,} lines, {chars:,} characters", flush=True)
+    # one line for the whole corpus (a corpus of 141 files is not 141 lines of output)
+    what = args.input[0] if len(args.input) == 1 else f"{len(args.input):,} files ({args.input[0]}, ...)"
+    print(f"read {what}: {total:,} lines, {chars:,} characters", flush=True)
     if not total:
         raise DataError("empty corpus: the inputs contain no text")
     if total > len(sample):

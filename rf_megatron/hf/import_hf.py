@@ -30,7 +30,7 @@ def build_run_config(hf_dir: Path, output: Path, tp: int, pp: int, vpp: Optional
                      work: Path):
     """The run config of the new checkpoint: the exporter's copy of the original run config if the
     folder has one (else defaults), the model from config.json, the chosen layout, checkpoint.dir =
-    output, the folder's tokenizer.model, then the user's `section.key=value` overrides."""
+    output (logging.dir beside it), the folder's tokenizer.model, then the user's `section.key=value` overrides."""
     from ..config import ConfigError
     from ..run_config import load_run_config
 
@@ -49,6 +49,9 @@ def build_run_config(hf_dir: Path, output: Path, tp: int, pp: int, vpp: Optional
     base["parallel"] = {**(base.get("parallel") or {}), "tensor_parallel": tp, "pipeline_parallel": pp,
                         "virtual_pipeline_parallel": vpp}
     base["checkpoint"] = {**(base.get("checkpoint") or {}), "dir": str(output)}
+    # the new run's own folder, not the source run's: beside its checkpoints (runs/y for runs/y/checkpoints)
+    base["logging"] = {**(base.get("logging") or {}),
+                       "dir": str(output.parent if output.name == "checkpoints" else output / "logs")}
     if (hf_dir / "tokenizer.model").exists():
         base["data"] = {**(base.get("data") or {}), "tokenizer_model": str(output / "tokenizer.model")}
     draft = work / "base.yaml"

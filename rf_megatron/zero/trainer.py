@@ -88,6 +88,7 @@ def _plain_gloo_on_cpu() -> None:
 
 class DeepSpeedTrainer(TrainingLoop):
     ENGINE = "deepspeed"
+    COLLECTIVE_SAVE = False  # each rank torch.saves its own files
 
     def __init__(self, cfg: RunConfig):
         from ..data import build_run_datasets, load_tokenizer
