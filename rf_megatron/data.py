@@ -12,19 +12,34 @@ import torch
 from .config import ConfigError
 
 
+def _is_weight(item) -> bool:
+    try:
+        float(item)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def blend_prefixes(paths: List[str]) -> List[str]:
     """The dataset prefixes of a data option: blend lists alternate weight and prefix (["0.3", "a", "0.7", "b"]);
-    plain lists are prefixes."""
-    try:
-        float(paths[0])
-        return list(paths[1::2])
-    except (IndexError, ValueError):
+    plain lists are prefixes. A list that is neither is a ConfigError (Megatron would assert deep inside)."""
+    if not paths or not _is_weight(paths[0]):
+        if any(_is_weight(p) for p in paths):
+            raise ConfigError(f"data paths {list(paths)}: a weight among plain prefixes; a blend alternates weight "
+                              "and prefix: [0.7, a_text_document, 0.3, b_text_document]")
         return list(paths)
+    weights, prefixes = paths[0::2], paths[1::2]
+    if len(paths) % 2 or not all(_is_weight(w) for w in weights) or any(_is_weight(p) for p in prefixes):
+        raise ConfigError(f"data paths {list(paths)}: a blend alternates weight and prefix, one weight per prefix: "
+                          "[0.7, a_text_document, 0.3, b_text_document]")
+    if any(float(w) < 0 for w in weights) or not sum(float(w) for w in weights) > 0:
+        raise ConfigError(f"data paths {list(paths)}: blend weights must be >= 0 and not all 0")
+    return list(prefixes)
 
 
 def check_data(paths: List[str], vocab_size: int, tokenizer) -> None:
     """Fail early, with the file named, on missing/corrupt data or a vocab that is too small."""
-    from .indexed_data import DataError, max_token_id, verify_indexed_dataset
+    from .indexed_data import TOKENIZER_RECORD, DataError, max_token_id, tokenized_with, verify_indexed_dataset
 
     if vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
@@ -33,8 +48,12 @@ def check_data(paths: List[str], vocab_size: int, tokenizer) -> None:
         try:
             verify_indexed_dataset(prefix)
             top = max_token_id(prefix)
+            record = tokenized_with(prefix, tokenizer)
         except DataError as exc:
             raise ConfigError(str(exc)) from None
+        if record == "unknown" and int(os.environ.get("RANK", "0")) == 0:
+            print(f"warning: {prefix} has no {prefix.rsplit('/', 1)[-1]}{TOKENIZER_RECORD} (tools/preprocess_data.py "
+                  f"writes one): cannot check it was tokenized with {tokenizer.model_path}", flush=True)
         if top >= vocab_size:
             raise ConfigError(f"{prefix}.bin holds token id {top} >= model.vocab_size={vocab_size}")
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
@@ -165,6 +165,40 @@ def iter_documents(path: str, json_key: str = "text",
 
 
 # ---------------------------------------------------------------------------------------- output
+TOKENIZER_RECORD = ".tokenizer.json"  # PREFIX.tokenizer.json: which tokenizer made PREFIX.bin / .idx
+
+
+def tokenizer_record(tokenizer) -> dict:
+    """The fingerprint written next to a dataset: a hash of the model file's bytes, not its path."""
+    return {"model_sha256": tokenizer.unique_identifiers["model_sha256"], "vocab_size": tokenizer.vocab_size,
+            "model_path": os.path.abspath(tokenizer.model_path)}
+
+
+def write_tokenizer_record(prefix: str, tokenizer) -> None:
+    tmp = f"{prefix}{TOKENIZER_RECORD}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(tokenizer_record(tokenizer), f, indent=1)
+    os.replace(tmp, prefix + TOKENIZER_RECORD)
+
+
+def tokenized_with(prefix: str, tokenizer) -> Optional[str]:
+    """None if `prefix` was tokenized with `tokenizer`, "unknown" if it carries no record (made before records, or
+    by another tool); raises DataError naming both tokenizers if it was made with another one."""
+    try:
+        with open(prefix + TOKENIZER_RECORD) as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return "unknown"
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{prefix}{TOKENIZER_RECORD}: unreadable ({exc})") from None
+    if record.get("model_sha256") == tokenizer.unique_identifiers["model_sha256"]:
+        return None
+    raise DataError(f"{prefix} was tokenized with another tokenizer ({record.get('model_path')}, vocabulary "
+                    f"{record.get('vocab_size')}) than this run's data.tokenizer_model={tokenizer.model_path} "
+                    f"(vocabulary {tokenizer.vocab_size}): its token ids mean other pieces; re-tokenize it with "
+                    f"tools/preprocess_data.py --tokenizer-model {tokenizer.model_path}")
+
+
 def _paths(prefix: str) -> Tuple[str, str]:
     prefix = os.fspath(prefix)
     if prefix.endswith((".bin", ".idx")):

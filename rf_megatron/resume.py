@@ -49,7 +49,7 @@ class ResumeChecks:
 
         from .checkpoint_dir import (CheckpointError, check_model_unchanged, is_rank0, latest_checkpoint, new_run_id,
                                      newest_verified, prepare_fresh_run, read_train_state)
-        from .checkpoint_health import HealthMonitor, batches_to_skip, rewind
+        from .checkpoint_health import HealthMonitor, batches_to_skip, read_health, rewind
         from .config import ConfigError
 
         ckpt = self.cfg.checkpoint
@@ -69,6 +69,10 @@ class ResumeChecks:
             return None
         if ckpt.rewind_to_healthy:
             path = rewind(ckpt.dir, path, say=_say, rank0=is_rank0())
+        elif read_health(ckpt.dir).get(path.name, {}).get("healthy") is False:
+            _say(f"warning: {path} is marked unhealthy ({Path(ckpt.dir) / 'health.json'}: the steps after it "
+                 "diverged); resuming it anyway: checkpoint.rewind_to_healthy=true resumes the newest healthy one "
+                 "and skips the data of the diverging steps")
         path = newest_verified(ckpt.dir, path, say=_say)
         if path is None:
             raise ConfigError(f"no checkpoint in checkpoint.dir={ckpt.dir} matches its checksums (each was moved "

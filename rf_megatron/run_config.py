@@ -107,6 +107,9 @@ class RunConfig:
         self.model.validate(self.parallel)
         self.optim.validate()
         t = self.train
+        if t.eval_only and self.checkpoint.start_over:
+            raise ConfigError("train.eval_only=true with checkpoint.start_over=true: an evaluation never moves "
+                              "checkpoints; drop one of them")
         if t.nan_policy not in ("stop", "skip"):
             raise ConfigError(f"train.nan_policy={t.nan_policy!r}: choose stop or skip")
         if not (math.isfinite(t.loss_spike_factor) and (t.loss_spike_factor == 0 or t.loss_spike_factor > 1)):

@@ -660,3 +660,44 @@ def test_a_lock_held_on_another_node_by_another_job_is_refused(tmp_path, monkeyp
     monkeypatch.setenv("SLURM_JOB_ID", "2")
     with pytest.raises(run_lock.DirectoryInUse, match="pid 7 on node-elsewhere, SLURM job 1"):
         run_lock.acquire(tmp_path, say=print)
+
+
+def test_a_plain_resume_of_an_unhealthy_checkpoint_says_so_and_names_the_rewind(tmp_path, capsys):
+    from rf_megatron import run_lock
+    from rf_megatron.resume import ResumeChecks
+    from rf_megatron.run_config import load_run_config
+
+    ckpt = make_checkpoint(tmp_path, 4, "mine")
+    (tmp_path / "latest").write_text(ckpt.name)
+    (tmp_path / "health.json").write_text(json.dumps({ckpt.name: {"healthy": False, "why": "loss nan at step 5"}}))
+    checks = ResumeChecks()
+    checks.cfg = load_run_config("tiny_cpu", [f"checkpoint.dir={tmp_path}"])
+    checks.check_resumable = lambda path, state: None
+    try:
+        assert checks.find_resume_checkpoint() == ckpt
+    finally:
+        run_lock.release()
+    out = capsys.readouterr().err
+    assert f"warning: {ckpt} is marked unhealthy" in out and "checkpoint.rewind_to_healthy=true" in out, out
+
+
+def test_data_tokenized_with_another_tokenizer_is_refused_and_unrecorded_data_warned(data, tmp_path, capsys):
+    """`data` was preprocessed with data/tok.model; a second tokenizer (another vocabulary) must not read it."""
+    import sentencepiece as spm
+
+    from rf_megatron.config import ConfigError
+    from rf_megatron.data import check_data
+    from rf_megatron.tokenizer import SentencePieceTokenizer
+
+    own = SentencePieceTokenizer(data / "tok.model")
+    check_data([str(data / "corpus")], 384, own)  # its own tokenizer: fine, silently
+    assert capsys.readouterr().out == ""
+    spm.SentencePieceTrainer.train(input=str(REPO / "README.md"), model_prefix=str(tmp_path / "other"), vocab_size=280,
+                                   model_type="bpe", pad_id=0, unk_id=1, bos_id=2, eos_id=3, minloglevel=2)
+    other = SentencePieceTokenizer(tmp_path / "other.model")
+    with pytest.raises(ConfigError, match=r"was tokenized with another tokenizer .*\(vocabulary 280\)"):
+        check_data([str(data / "corpus")], 384, other)
+    for suffix in (".bin", ".idx"):
+        shutil.copy(f"{data / 'corpus'}{suffix}", f"{tmp_path / 'unrecorded'}{suffix}")
+    check_data([str(tmp_path / "unrecorded")], 384, own)
+    assert "has no unrecorded.tokenizer.json" in capsys.readouterr().out

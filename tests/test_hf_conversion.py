@@ -716,6 +716,23 @@ def test_export_errors_are_one_line(trained, tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
+def test_an_import_of_a_folder_without_tokenizer_says_so_and_names_no_foreign_tokenizer(exported, tmp_path, capsys):
+    import yaml
+
+    tool = _tool("convert_hf_to_checkpoint")
+    folder = tmp_path / "no_tokenizer"
+    shutil.copytree(exported["vanilla"][0], folder, ignore=shutil.ignore_patterns("tokenizer*"))
+    config = folder / "config.json"
+    config.write_text(config.read_text()[:-20])  # cut off mid-object
+    assert f"{config}: not valid JSON" in _error_of(capsys, tool, "--hf", folder, "--output", tmp_path / "o")
+    shutil.copy(exported["vanilla"][0] / "config.json", config)
+    assert tool.main(["--hf", str(folder), "--output", str(tmp_path / "o"), "--verify", "none"]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: {folder} has no tokenizer.model" in out and "pass data.tokenizer_model=" in out, out
+    run_config = yaml.safe_load((tmp_path / "o" / "iter_0000000" / "run_config.yaml").read_text())
+    assert run_config["data"]["tokenizer_model"] is None
+
+
 def test_import_errors_are_one_line(exported, tmp_path, capsys):
     tool = _tool("convert_hf_to_checkpoint")
     assert "no config.json" in _error_of(capsys, tool, "--hf", tmp_path, "--output", tmp_path / "o")

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from rf_megatron.indexed_data import (  # noqa: E402
-    DataError, check_input_file, iter_documents, token_dtype, verify_indexed_dataset)
+    DataError, check_input_file, iter_documents, token_dtype, verify_indexed_dataset, write_tokenizer_record)
 from rf_megatron.tokenizer import SentencePieceTokenizer, TokenizerError  # noqa: E402
 
 
@@ -146,6 +146,7 @@ def write_dataset(args, tokenizer) -> Progress:
             with open(tmp + suffix, "rb+") as f:
                 os.fsync(f.fileno())  # data on disk before the rename makes it official
         verify_indexed_dataset(tmp)
+        write_tokenizer_record(prefix, tokenizer)  # which tokenizer made the pair (training refuses another)
         if os.path.exists(prefix + ".idx"):
             os.remove(prefix + ".idx")
         os.replace(tmp + ".bin", prefix + ".bin")

@@ -37,7 +37,11 @@ def build_run_config(hf_dir: Path, output: Path, tp: int, pp: int, vpp: Optional
     config_json = hf_dir / "config.json"
     if not config_json.exists():
         raise ConversionError(f"{hf_dir}: no config.json (not a Hugging Face model folder)")
-    model = model_config_from_hf(json.loads(config_json.read_text()))
+    try:
+        hf_config = json.loads(config_json.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"{config_json}: not valid JSON ({exc})") from None
+    model = model_config_from_hf(hf_config)
     base = {}
     if (hf_dir / RUN_CONFIG_COPY).exists():
         base = yaml.safe_load((hf_dir / RUN_CONFIG_COPY).read_text()) or {}
@@ -52,8 +56,10 @@ def build_run_config(hf_dir: Path, output: Path, tp: int, pp: int, vpp: Optional
     # the new run's own folder, not the source run's: beside its checkpoints (runs/y for runs/y/checkpoints)
     base["logging"] = {**(base.get("logging") or {}),
                        "dir": str(output.parent if output.name == "checkpoints" else output / "logs")}
-    if (hf_dir / "tokenizer.model").exists():
-        base["data"] = {**(base.get("data") or {}), "tokenizer_model": str(output / "tokenizer.model")}
+    # the folder's tokenizer, never a path of the source run's (which another machine may not have, or hold another)
+    has_tokenizer = (hf_dir / "tokenizer.model").exists()
+    base["data"] = {**(base.get("data") or {}),
+                    "tokenizer_model": str(output / "tokenizer.model") if has_tokenizer else None}
     draft = work / "base.yaml"
     draft.write_text(yaml.safe_dump(base, sort_keys=False))
     try:
@@ -149,6 +155,10 @@ def import_hf(hf_dir, output, tp: int = 1, pp: int = 1, vpp: Optional[int] = Non
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if not (hf_dir / "tokenizer.model").exists():
+        log(f"warning: {hf_dir} has no tokenizer.model, so the run config names "
+            + (f"data.tokenizer_model={cfg.data.tokenizer_model} (yours)" if cfg.data.tokenizer_model else
+               "no tokenizer: pass data.tokenizer_model=... (the model's own tokenizer) when you train on"))
     log(f"wrote {output} (iter_0000000, step 0) in {time.monotonic() - begin:.0f} s: resume with "
         f"pretrain/pretrain_resformer.py --config {output}/iter_0000000/run_config.yaml data.paths=[...]")
     return output
