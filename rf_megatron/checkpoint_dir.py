@@ -28,7 +28,7 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 HEALTH = "health.json"  # verdicts on the checkpoints' weights (checkpoint_health.py)
 # Model options a resumed run may change: they alter neither the parameters nor the math of a step.
-MODEL_OPTIONS_FREE_ON_RESUME = ("seq_length", "init_method_std")
+MODEL_OPTIONS_FREE_ON_RESUME = ("seq_length", "init_method_std", "attention_backend")
 
 
 class CheckpointError(RuntimeError):

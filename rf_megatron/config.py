@@ -15,6 +15,8 @@ import torch
 
 from .hf.value_residual_spec import MODES, config_problem
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ATTENTION_BACKENDS = ("auto", "sdpa", "unfused", "te")
+INITS = ("megatron", "paper")
 
 
 class ConfigError(ValueError):
@@ -36,9 +38,15 @@ class ModelConfig:
     swiglu: bool = True
     qk_layernorm: bool = False
     init_method_std: float = 0.02
+    # initial weights: megatron (N(0, init_method_std), output projections linear_proj / linear_fc2 scaled by
+    # 1/sqrt(2 num_layers)) | paper (the released code's Hugging Face Llama init: N(0, init_method_std) everywhere)
+    init: str = "megatron"
     untie_embeddings_and_output_weights: bool = True
     rotary_base: int = 10000
     layernorm_epsilon: float = 1e-5
+    # core attention kernel (same math): auto (te with transformer_impl=transformer_engine, else sdpa) | sdpa
+    # (PyTorch's scaled_dot_product_attention) | unfused (Megatron's DotProductAttention) | te (Transformer Engine)
+    attention_backend: str = "auto"
     # value residual (arXiv 2410.17897)
     variant: str = "resformer"  # vanilla | resformer | svformer
     lambda_mode: str = "identity"  # ResFormer: identity | constant | learnable | learnable_plus | sparse
@@ -72,6 +80,11 @@ class ModelConfig:
              f"num_attention_heads={self.num_attention_heads} is not divisible by num_query_groups={self.kv_heads}")
         need(self.normalization in ("RMSNorm", "LayerNorm"),
              f"normalization={self.normalization!r}: choose RMSNorm or LayerNorm")
+        need(self.init in INITS, f"init={self.init!r}: choose one of {', '.join(INITS)}")
+        need(self.attention_backend in ATTENTION_BACKENDS,
+             f"attention_backend={self.attention_backend!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
+        need(self.attention_backend != "te" or parallel.transformer_impl == "transformer_engine",
+             "attention_backend=te needs parallel.transformer_impl=transformer_engine")
         tp, pp, vpp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.virtual_pipeline_parallel
         need(self.num_attention_heads % tp == 0,
              f"tensor_parallel={tp} does not divide num_attention_heads={self.num_attention_heads}")
@@ -210,6 +223,10 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, cpu: 
         use_cpu_initialization=cpu,
         **(gpu_fusions(parallel) if parallel.fusions and not cpu and not simulated() else {}),
     )
+    if model.init == "paper":  # no 1/sqrt(2L) on linear_proj / linear_fc2 (Megatron's default when left None)
+        from megatron.core.utils import init_method_normal
+
+        kwargs["output_layer_init_method"] = init_method_normal(model.init_method_std)
     if cpu or backend() == "gloo":
         # gloo: the interleaved schedule's batched p2p gives wrong results (DESIGN.md §2)
         kwargs["batch_p2p_comm"] = False

@@ -3,11 +3,17 @@
 - `local`: Megatron-Core modules only (runs on CPU); every norm replaced by an SP-capable one.
 - `transformer_engine`: Megatron's TE spec (H100, FP8 via `TransformerConfig.fp8`). Transformer
   Engine is imported only when this spec is asked for; it cannot be installed on a CPU machine.
+
+Core attention (`model.attention_backend`) is the spec's `core_attention` submodule: `sdpa`
+(rf_megatron/sdpa_attention.py, PyTorch's fused kernels), `unfused` (Megatron's `DotProductAttention`,
+the `[b, heads, s, s]` scores materialised) or `te` (Transformer Engine's, the TE spec's own); `auto` is
+`te` on the TE spec and `sdpa` otherwise.
 """
 from __future__ import annotations
 
 import dataclasses
 
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
@@ -15,8 +21,27 @@ from .attention import SVFormerSelfAttention, ValueResidualSelfAttention
 from .config import ConfigError, ModelConfig
 from .layer import ValueResidualTransformerLayer
 from .norm import SequenceParallelNorm
+from .sdpa_attention import SDPADotProductAttention
 
 ATTENTION_CLASSES = {"resformer": ValueResidualSelfAttention, "svformer": SVFormerSelfAttention}
+CORE_ATTENTION = {"sdpa": SDPADotProductAttention, "unfused": DotProductAttention}
+
+
+def attention_backend(model: ModelConfig, transformer_impl: str) -> str:
+    """The core attention a model gets: `auto` is Transformer Engine's with its spec, SDPA otherwise."""
+    if model.attention_backend != "auto":
+        return model.attention_backend
+    return "te" if transformer_impl == "transformer_engine" else "sdpa"
+
+
+def _with_core_attention(spec: ModuleSpec, backend: str) -> ModuleSpec:
+    """`spec` with its self-attention's core attention replaced (`te`: the TE spec's own is kept)."""
+    if backend not in CORE_ATTENTION:
+        return spec
+    attn = spec.submodules.self_attention
+    attn = dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules,
+                                                                    core_attention=CORE_ATTENTION[backend]))
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attn))
 
 
 def _base_layer_spec(model: ModelConfig, transformer_impl: str) -> ModuleSpec:
@@ -42,8 +67,9 @@ def _base_layer_spec(model: ModelConfig, transformer_impl: str) -> ModuleSpec:
 
 
 def layer_spec(model: ModelConfig, transformer_impl: str = "local") -> ModuleSpec:
-    """The transformer-layer spec of a model: Megatron's, with value-residual attention swapped in."""
-    spec = _base_layer_spec(model, transformer_impl)
+    """The transformer-layer spec of a model: Megatron's, with the chosen core attention and value-residual
+    attention swapped in."""
+    spec = _with_core_attention(_base_layer_spec(model, transformer_impl), attention_backend(model, transformer_impl))
     if not model.value_residual:
         return spec
     attn = spec.submodules.self_attention

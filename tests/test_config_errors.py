@@ -91,6 +91,16 @@ def test_fp8_needs_transformer_engine():
     assert "fp8" in error_of(parallel=ParallelConfig(fp8="hybrid"))
 
 
+def test_te_attention_backend_needs_the_transformer_engine_spec():
+    assert error_of(ModelConfig(attention_backend="te")) == \
+        "attention_backend=te needs parallel.transformer_impl=transformer_engine"
+
+
+def test_unknown_attention_backend_names_the_choices():
+    assert error_of(ModelConfig(attention_backend="flash")) == \
+        "attention_backend='flash': choose one of auto, sdpa, unfused, te"
+
+
 def test_world_size_must_fit_the_layout():
     assert "world size 6" in error_of(parallel=ParallelConfig(tensor_parallel=4), world_size=6)
 
@@ -117,3 +127,26 @@ def test_split_qkv_path_is_required(megatron_single_rank):
     attention = model.decoder.layers[1].self_attention
     with pytest.raises(ValueError, match="apply_rope_fusion"):
         attention.get_query_key_value_tensors(None, split_qkv=False)
+
+
+def test_an_evaluation_that_would_move_checkpoints_is_refused():
+    from rf_megatron.run_config import load_run_config
+
+    cfg = load_run_config("tiny_cpu", ["train.eval_only=true", "checkpoint.start_over=true"])
+    with pytest.raises(ConfigError, match="an evaluation never moves checkpoints"):
+        cfg.validate()
+
+
+@pytest.mark.parametrize("paths", [["0.5", "a", "0.5"], ["0.5", "a", "b", "c"], ["a", "0.5"], ["-1", "a", "2", "b"]])
+def test_a_blend_that_does_not_alternate_weight_and_prefix_is_one_line(paths):
+    from rf_megatron.data import blend_prefixes
+
+    with pytest.raises(ConfigError, match="data paths") as info:
+        blend_prefixes(paths)
+    assert "\n" not in str(info.value)
+
+
+def test_a_blend_and_plain_prefixes_still_parse():
+    from rf_megatron.data import blend_prefixes
+
+    assert blend_prefixes(["0.3", "a", "0.7", "b"]) == ["a", "b"] and blend_prefixes(["a", "b"]) == ["a", "b"]

@@ -40,19 +40,23 @@ def run_layout(name, tmp_root):
     if name not in _cache:
         references = {"reference": [], "reference_qk_layernorm": LAYOUTS["tp2_sp_qk_layernorm"][1][3:]}
         nproc, args = (1, references[name]) if name in references else LAYOUTS[name]
-        out = tmp_root / name
-        torchrun(SCRIPT, nproc, *args, "--out", out)
-        merged = {}
-        for f in sorted(out.glob("pp*.pt")):
-            for variant, res in torch.load(f).items():
-                m = merged.setdefault(variant, {"losses": None, "grad_norms": None, "grads": {}, "params": {}})
-                if any(res["losses"]):
-                    m["losses"] = res["losses"]
-                m["grad_norms"] = res["grad_norms"]
-                m["grads"].update(res["grads"])
-                m["params"].update(res["params"])
-        _cache[name] = merged
+        _cache[name] = launch(nproc, args, tmp_root / name)
     return _cache[name]
+
+
+def launch(nproc, args, out):
+    """Run tests/dist/layout_run.py on `nproc` processes; its pipeline stages' results merged per variant."""
+    torchrun(SCRIPT, nproc, *args, "--out", out)
+    merged = {}
+    for f in sorted(out.glob("pp*.pt")):
+        for variant, res in torch.load(f).items():
+            m = merged.setdefault(variant, {"losses": None, "grad_norms": None, "grads": {}, "params": {}})
+            if any(res["losses"]):
+                m["losses"] = res["losses"]
+            m["grad_norms"] = res["grad_norms"]
+            m["grads"].update(res["grads"])
+            m["params"].update(res["params"])
+    return merged
 
 
 @pytest.fixture(scope="module")

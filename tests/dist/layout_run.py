@@ -1,6 +1,7 @@
 """Train every model variant a few steps in one parallel layout; dump losses and gradients.
 
-Launched by the tests with torchrun (gloo, CPU mode). Every layout starts from the same full
+Launched by the tests with torchrun (gloo, CPU mode). `--variants identity@unfused,identity@sdpa` runs a
+variant with a given `model.attention_backend` (default: auto). Every layout starts from the same full
 weights (drawn per global parameter name) and sees the same global batches, so results from
 different layouts must agree to float tolerance. Output: one torch file per pipeline rank with
   {variant: {"losses": [...], "grad_norms": [...], "grads": {global name: full first-step grad},
@@ -63,9 +64,10 @@ def run_variant(name, args, ps):
     from rf_megatron.schedule import forward_backward
     from rf_megatron.state import full_shape, gather_tp, load_full_weights, named_global_parameters
 
+    variant, _, backend = name.partition("@")
     model_cfg = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
                             vocab_size=VOCAB, seq_length=SEQ, qk_layernorm=args.qk_layernorm,
-                            **VARIANTS[name])
+                            attention_backend=backend or "auto", **VARIANTS[variant])
     parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp,
                               virtual_pipeline_parallel=args.vpp, sequence_parallel=args.sp,
                               distributed_optimizer=args.dist_opt, recompute_granularity=args.recompute)

@@ -1,8 +1,11 @@
 #!/bin/bash
 # One-shot check on ONE H100/H200 with no internet (issue #12): Python 3.12, torch, transformers and sentencepiece
-# installed, megatron-core not. About 6 minutes:
+# installed, megatron-core not. About 9 minutes:
 #   1. megatron-core from the wheels in tests/gpu/wheels/ (git-ignored, <= 64 MiB; tests/gpu/README.md says how
 #      to fill it; Transformer Engine does not fit, so its tests skip here)
+#   1b. bench/throughput.py at the resformer_82m shape, its table first: the Megatron engine (sdpa and unfused
+#      attention) next to our HF model in a plain PyTorch loop (SDPA, and torch.compile), tokens/s, MFU, memory
+#      (RF_CHECK_BENCH_ARGS replaces its arguments)
 #   2. pytest tests/gpu (GPU-vs-CPU logits parity of every variant, fp32 and bf16; TE / DeepSpeed skip if absent)
 #   3. a synthetic corpus (no downloads), then 40 bf16 steps of vanilla, ResFormer identity, ResFormer learnable
 #      and SVFormer at the resformer_82m shape (seq 2048) through the real entry point
@@ -46,6 +49,14 @@ print(f"python torch {torch.__version__} (CUDA {torch.version.cuda}), megatron-c
       f"transformers {transformers.__version__}, GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
 PY
 
+say "bench/throughput.py: the Megatron engine next to the HF model in a plain PyTorch loop, alternating steps"
+if [ "$DRY" = 1 ]; then THROUGHPUT="--shape tiny --warmup 0 --rounds 1"
+else THROUGHPUT=${RF_CHECK_BENCH_ARGS:---shape resformer_82m --compile}; fi
+RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=$((29500 + RANDOM % 1000)) \
+  timeout "${RF_CHECK_BENCH_TIMEOUT:-480}" "$PY" -W ignore bench/throughput.py $THROUGHPUT > "$WORK/throughput.log" 2>&1 ||
+  { echo "throughput bench failed (exit $?):"; tail -15 "$WORK/throughput.log"; }
+grep -E "^(#|\||Megatron sdpa)" "$WORK/throughput.log"
+
 say "pytest tests/gpu"
 "$PY" -m pytest -q -p no:cacheprovider tests/gpu -rs > "$WORK/pytest.log" 2>&1
 PYTEST_RC=$?
@@ -83,7 +94,7 @@ RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=$((29500 + RA
 grep -E "^#|x$|bytes" "$WORK/bench.log"
 
 if [ -n "${RF_CHECK_OUT:-}" ]; then
-  mkdir -p "$RF_CHECK_OUT" && tar czf "$RF_CHECK_OUT/device_check_logs.tgz" -C "$WORK" pytest.log data.log bench.log runs 2>/dev/null
+  mkdir -p "$RF_CHECK_OUT" && tar czf "$RF_CHECK_OUT/device_check_logs.tgz" -C "$WORK" throughput.log pytest.log data.log bench.log runs 2>/dev/null
 fi
 say "summary${SHAPE:+ (DRY RUN on the simulated GPU: plumbing only, no GPU figures)}"
 grep -E "passed|failed" "$WORK/pytest.log" | tail -1 | sed 's/^/pytest tests\/gpu: /'
