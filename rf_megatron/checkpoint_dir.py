@@ -28,7 +28,7 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 HEALTH = "health.json"  # verdicts on the checkpoints' weights (checkpoint_health.py)
 # Model options a resumed run may change: they alter neither the parameters nor the math of a step.
-MODEL_OPTIONS_FREE_ON_RESUME = ("seq_length", "init_method_std", "attention_backend")
+MODEL_OPTIONS_FREE_ON_RESUME = ("seq_length", "init_method_std", "attention_backend", "make_vocab_size_divisible_by")
 
 
 class CheckpointError(RuntimeError):
@@ -130,6 +130,20 @@ def check_model_unchanged(checkpoint: Path, model_now: Dict) -> None:
                           "checkpoint's model options, or start a new run in another checkpoint.dir")
 
 
+def read_health(root) -> Dict[str, Dict]:
+    """health.json: the verdicts on the checkpoints' weights (written by checkpoint_health.HealthMonitor)."""
+    try:
+        return json.loads((Path(root) / HEALTH).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def newest_healthy(root) -> Optional[Path]:
+    records = read_health(root)
+    healthy = [p for p in complete_checkpoints(root) if records.get(p.name, {}).get("healthy") is True]
+    return healthy[-1] if healthy else None
+
+
 def commit(root: Path, name: str, keep_last: int) -> None:
     """Point `latest` at the finished checkpoint `name` (write + rename) and drop older ones of the
     same lineage (rank 0)."""
@@ -141,8 +155,6 @@ def commit(root: Path, name: str, keep_last: int) -> None:
 def prune(root: Path, committed: Path, keep_last: int) -> None:
     """Keep the `keep_last` newest checkpoints of `committed`'s lineage up to it; never touch another
     lineage's checkpoints, newer ones, or the newest one known healthy (a divergence can rewind to it)."""
-    from .checkpoint_health import newest_healthy
-
     if keep_last <= 0:
         return
     run_id, step = read_train_state(committed).get("run_id"), step_of(committed)

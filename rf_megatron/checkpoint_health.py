@@ -20,16 +20,9 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from .checkpoint_dir import HEALTH, complete_checkpoints, point_latest, step_of
+from .checkpoint_dir import HEALTH, complete_checkpoints, newest_healthy, point_latest, read_health, step_of  # noqa: F401
 
 RECENT = 10  # losses a spike is measured against
-
-
-def read_health(root) -> Dict[str, Dict]:
-    try:
-        return json.loads((Path(root) / HEALTH).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _write_health(root, records: Dict[str, Dict]) -> None:
@@ -38,12 +31,6 @@ def _write_health(root, records: Dict[str, Dict]) -> None:
     tmp = root / f"{HEALTH}.tmp"
     tmp.write_text(json.dumps({k: v for k, v in sorted(records.items()) if k in live}, indent=1))
     tmp.replace(root / HEALTH)
-
-
-def newest_healthy(root) -> Optional[Path]:
-    records = read_health(root)
-    healthy = [p for p in complete_checkpoints(root) if records.get(p.name, {}).get("healthy") is True]
-    return healthy[-1] if healthy else None
 
 
 class HealthMonitor:

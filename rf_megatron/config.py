@@ -13,19 +13,16 @@ from typing import List, Optional
 
 import torch
 
-from .hf.value_residual_spec import MODES, config_problem
+from .errors import ConfigError  # noqa: F401  (re-exported: the config's own error)
+from .value_residual_spec import MODES, config_problem
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATTENTION_BACKENDS = ("auto", "sdpa", "unfused", "te")
 INITS = ("megatron", "paper")
 
 
-class ConfigError(ValueError):
-    """A user configuration that cannot work. The message is one line naming the option."""
-
-
 @dataclass
 class ModelConfig:
-    """A Llama-style decoder plus the value-residual choice (DESIGN.md §1)."""
+    """A Llama-style decoder plus the value-residual choice (docs/architecture.md §1)."""
 
     num_layers: int = 4
     hidden_size: int = 64
@@ -228,7 +225,7 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, cpu: 
 
         kwargs["output_layer_init_method"] = init_method_normal(model.init_method_std)
     if cpu or backend() == "gloo":
-        # gloo: the interleaved schedule's batched p2p gives wrong results (DESIGN.md §2)
+        # gloo: the interleaved schedule's batched p2p gives wrong results (docs/architecture.md §5)
         kwargs["batch_p2p_comm"] = False
     if model.value_residual and parallel.virtual_pipeline_parallel:
         # The interleaved schedule hard-codes [s, b, hidden] p2p shapes; variable_seq_lengths makes it

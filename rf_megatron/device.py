@@ -16,7 +16,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 
 _DEVICE: Optional[torch.device] = None
 _SIMULATED = False

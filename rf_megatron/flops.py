@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import ModelConfig
-from .hf.value_residual_spec import has_value_projection, lambda_parameter_count
+from .value_residual_spec import has_value_projection, lambda_parameter_count
 
 
 @dataclass

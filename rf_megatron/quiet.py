@@ -12,7 +12,7 @@ import warnings
 # (message regex, category, when): "always", or "cpu" (noise only without CUDA: on a GPU the missing
 # fused kernels are worth knowing about).
 KNOWN_NOISE = (
-    # Megatron-Core at import, without Apex / Transformer Engine: expected on CPU (DESIGN.md §3)
+    # Megatron-Core at import, without Apex / Transformer Engine: expected on CPU (docs/architecture.md §5)
     (r"Transformer Engine and Apex are not installed", UserWarning, "cpu"),
     (r"Apex is not installed", UserWarning, "cpu"),
     (r".*[Tt]ransformer[ _-]?[Ee]ngine.* not (installed|available)", UserWarning, "cpu"),

@@ -13,7 +13,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .hf.value_residual_spec import MODES, LambdaMode, lambdas_of, mix_values, mixing_layers, new_parameters
+from .value_residual_spec import MODES, LambdaMode, lambdas_of, mix_values, mixing_layers, new_parameters
 
 __all__ = ["mix_values", "LayerLambdas", "SharedLambdas", "build_lambdas", "build_shared_lambdas", "mixing_layers_of"]
 

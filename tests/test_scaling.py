@@ -89,7 +89,7 @@ def test_svformer_saves_exactly_the_value_projections():
 @pytest.mark.parametrize("layers,heads,hidden,ffn,millions", [(8, 8, 512, 1792, 82), (12, 12, 768, 2688, 180),
                                                               (24, 16, 1024, 3584, 468)])
 def test_paper_model_names_are_total_counts_with_a_50k_vocabulary(layers, heads, hidden, ffn, millions):
-    """DESIGN.md §1's shapes reproduce the paper's 82M / 180M / 468M only as TOTAL parameters with
+    """The paper's shapes (docs/architecture.md §1) reproduce the paper's 82M / 180M / 468M only as TOTAL parameters with
     untied embeddings and a ~50k vocabulary (50304 = GPT-NeoX's padded vocab); with the presets'
     32000 they are 63M / 152M / 430M. So the paper's N includes embeddings (the presets use 50304)."""
     def total(vocab):

@@ -9,7 +9,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .value_residual_spec import MODES
+from ..value_residual_spec import MODES
 from .weights import AUTO_MAP, RFGPT_FILES, ConversionError, hf_config_kwargs, uses_remote_code
 
 HERE = Path(__file__).resolve().parent
@@ -109,8 +109,8 @@ def write_config_files(folder: Path, model, special: Dict[str, Optional[int]], d
 
     build_hf_config(model, special, dtype).save_pretrained(str(folder))
     if uses_remote_code(model):
-        for name in RFGPT_FILES:
-            shutil.copyfile(HERE / name, folder / name)
+        for name in RFGPT_FILES:  # the spec's real file sits below hf/ (hf/value_residual_spec.py re-exports it)
+            shutil.copyfile(HERE.parent / name if name == "value_residual_spec.py" else HERE / name, folder / name)
     GenerationConfig(bos_token_id=special.get("bos"), eos_token_id=special.get("eos"),
                      pad_token_id=special.get("pad"), do_sample=False).save_pretrained(str(folder))
 

@@ -63,7 +63,7 @@ def check_shard_files(it: Path) -> None:
 
 def read_run_config(it: Path):
     from ..config import ConfigError
-    from .value_residual_spec import MODES, VARIANTS
+    from ..value_residual_spec import MODES, VARIANTS
     from ..run_config import load_run_config
 
     try:

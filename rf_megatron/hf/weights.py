@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..config import ModelConfig
-from .value_residual_spec import MODES, has_value_projection, lambdas_of, mixing_layers
+from ..value_residual_spec import MODES, has_value_projection, lambdas_of, mixing_layers
 
 
 class ConversionError(ValueError):

@@ -39,10 +39,11 @@ from .hf_model import build_fresh, hf_config, hf_state, load_folder, param_group
 
 def prepare_config(cfg: RunConfig, world_size: int) -> None:
     """Validate `cfg` for DeepSpeed (data parallel only: `parallel`'s TP/PP/CP are Megatron's and not
-    used) and take the model from `deepspeed.init_from_hf` when given (the data's seq_length stays)."""
+    used) and take the model from `deepspeed.init_from_hf` when given (the data's seq_length stays, and model.init,
+    which no HF config records)."""
     if cfg.deepspeed.init_from_hf:
         model = read_folder_config(cfg.deepspeed.init_from_hf)
-        model.seq_length = cfg.model.seq_length
+        model.seq_length, model.init = cfg.model.seq_length, cfg.model.init
         cfg.model = model
     if cfg.train.nan_policy != "stop":
         raise ConfigError("train.nan_policy=skip is not supported by the DeepSpeed trainer (use stop)")
@@ -188,7 +189,7 @@ class DeepSpeedTrainer(TrainingLoop):
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def lambdas(self) -> Dict[str, float]:
-        from ..hf.value_residual_spec import MODES
+        from ..value_residual_spec import MODES
         from ..hf.weights import lambda_table
 
         if self.cfg.model.variant != "resformer" or not MODES[self.cfg.model.lambda_mode].learnable:
