@@ -4,11 +4,14 @@
     python bench/quality.py                         # tiny model, Shakespeare seen once, 3 seeds (2 CPU cores)
     python bench/quality.py --budget flops          # equal training FLOPs instead of equal tokens
     python bench/quality.py --size small --jobs 8 --data PREFIX --tokenizer MODEL   # a GPU node
+    python bench/quality.py --data PREFIX --valid HELDOUT --tokenizer MODEL --init paper   # a held-out set of yours
 
 Each (variant, seed) is one single-process run of pretrain/pretrain_resformer.py with identical settings but for
 the variant; the seed sets both the init and the data order; the validation set (held-out documents: data.split's
-5%) is the same for every run and scored whole (train.eval_full). No token is seen twice: the tiny default trains
-150 steps (0.18 of a pass over Shakespeare, what fits 30 min on 2 CPU cores), larger sizes one pass (--epochs). The table gives the mean final validation loss (nats/token and bits/byte), the
+5%, or all of --valid's) is the same for every run and scored whole (train.eval_full). Bits/byte divides the bits
+of exactly the scored tokens by the UTF-8 bytes those tokens decode to (rf_megatron/scored_bytes.py). No token is
+seen twice: the tiny default trains 150 steps (0.18 of a pass over Shakespeare, what fits 30 min on 2 CPU cores),
+larger sizes one pass (--epochs). The table gives the mean final validation loss (nats/token and bits/byte), the
 difference to vanilla with a 95% t interval paired by seed, tokens/s and parameters; then the learnable lambdas
 and the attention concentration (tools/analyze_attention.py's metrics) of each variant's seed-0 model. Writes
 OUT/report.md, OUT/results.json, OUT/valid_curves.png, OUT/lambdas.png and OUT/attention/.
@@ -25,8 +28,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from rf_megatron.config import INITS  # noqa: E402
 
 VARIANTS = {
     "vanilla": {"model.variant": "vanilla"},
@@ -72,10 +79,61 @@ def corpus_tokens(prefix) -> int:
     return int(dataset.sequence_lengths.sum())
 
 
-def bytes_per_token(jsonl: Path, tokenizer: Path, tokens: int) -> float:
-    """UTF-8 bytes per token of the corpus: bits/byte = nats/token / ln 2 / bytes_per_token."""
-    total = sum(len(json.loads(line)["text"].encode()) for line in jsonl.open())
-    return total / tokens
+def held_out_part(base: dict):
+    """(prefix, split weights, part) of the documents the validation set holds: data.valid_paths whole (--valid),
+    else data.split's validation share of data.paths."""
+    import yaml
+
+    from rf_megatron.data import blend_prefixes, split_weights
+
+    own = base.get("data.valid_paths")
+    paths = own if own is not None else base["data.paths"]
+    paths = yaml.safe_load(paths) if isinstance(paths, str) else paths  # --valid's string or --set's list
+    prefixes = blend_prefixes(paths if isinstance(paths, list) else [paths])
+    if len(prefixes) != 1:
+        raise SystemExit(f"error: bench/quality.py scores one held-out dataset, not the blend {paths}")
+    if own is not None:
+        return Path(prefixes[0]), (1,), 0
+    return Path(prefixes[0]), split_weights(base["data.split"]), 1
+
+
+def held_out_documents(prefix: Path, weights, part: int):
+    """(first document, end document, their token ids) of one split of an indexed dataset."""
+    from rf_megatron.indexed_data import split_token_counts, split_tokens
+
+    counts = split_token_counts(str(prefix), weights)
+    first = sum(docs for docs, _ in counts[:part])
+    return first, first + counts[part][0], np.asarray(split_tokens(str(prefix), weights, part))
+
+
+def held_out_text(jsonl: Path | None, prefix: Path, weights, part: int, tokenizer) -> str:
+    """The held-out set's last document (the attention analysis reads it): from --text-jsonl, which must be the
+    text the scored dataset was made of (its documents, tokenizing to the same ids), else decoded from the ids."""
+    from rf_megatron.indexed_data import iter_documents
+
+    first, end, ids = held_out_documents(prefix, weights, part)
+    if jsonl is None:
+        starts = np.flatnonzero(ids[:-1] == tokenizer.eod) + 1
+        return tokenizer.detokenize(ids[starts[-1] if len(starts) else 0:-1])
+    documents = held_out_documents(prefix, (1,), 0)[1]
+    texts = [text for text, _ in iter_documents(str(jsonl)) if text.strip()]  # preprocess_data skips empty ones
+    same = len(texts) == documents and np.array_equal(
+        np.concatenate([tokenizer.tokenize(t) + [tokenizer.eod] for t in texts[first:end]]), ids)
+    if not same:
+        raise SystemExit(f"error: --text-jsonl {jsonl} is not the text of the scored dataset {prefix} "
+                         f"({len(texts)} documents vs {documents}, or other tokens): pass that dataset's own "
+                         "JSONL, or leave --text-jsonl out")
+    return texts[end - 1]
+
+
+def scored_bytes(plan: dict, tokenizer):
+    """(tokens, UTF-8 bytes) the validation scored: its dataset rebuilt as the trainer builds it (fixed seed)."""
+    from rf_megatron.data import _build_held_out, split_weights
+    from rf_megatron.run_config import load_run_config
+    from rf_megatron.scored_bytes import dataset_scored_bytes
+
+    cfg = load_run_config("tiny_cpu", [f"{k}={v}" for k, v in plan.items()])
+    return dataset_scored_bytes(_build_held_out(cfg, tokenizer, split_weights(cfg.data.split), 1), tokenizer)
 
 
 def model_config(overrides):
@@ -114,7 +172,7 @@ def read_run(run: Path) -> dict:
             if key.startswith(("lambda1/", "lambda2/")):
                 lambdas.setdefault(key, []).append((r["step"], value))
     return {"valid": valid, "final": valid[-1][1], "tokens_per_s": sum(speed) / max(len(speed), 1),
-            "lambdas": lambdas}
+            "lambdas": lambdas, "valid_tokens": [r["valid_tokens"] for r in rows if "valid_tokens" in r][-1]}
 
 
 def paired_ci(diffs, level=0.95):
@@ -191,8 +249,14 @@ def main(argv=None) -> int:
     p.add_argument("--evals", type=int, default=3, help="validation points per run (the last at the end)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one process each)")
     p.add_argument("--data", help="indexed dataset prefix (default: Shakespeare, prepared if missing)")
-    p.add_argument("--tokenizer", help="SentencePiece model of --data")
-    p.add_argument("--text-jsonl", help="the corpus as JSONL, for bits/byte (default: Shakespeare's)")
+    p.add_argument("--valid", help="indexed dataset prefix of a held-out set of your own, scored whole (default: "
+                                   "data.split's 5%% of --data); --data is then trained on whole")
+    p.add_argument("--tokenizer", help="SentencePiece model of --data (and --valid)")
+    p.add_argument("--init", choices=INITS, default="megatron",
+                   help="model.init: megatron (output projections scaled by 1/sqrt(2L)) or paper (the released "
+                        "code's N(0, 0.02) everywhere)")
+    p.add_argument("--text-jsonl", help="the scored dataset's text as JSONL, refused unless it is (the attention "
+                                        "analysis reads its last held-out document; default: decoded from the ids)")
     p.add_argument("--set", nargs="*", default=[], help="more run config overrides, key=value, for every run")
     p.add_argument("--out", default=str(REPO / "runs" / "quality"))
     p.add_argument("--no-attention", dest="attention", action="store_false")
@@ -202,47 +266,59 @@ def main(argv=None) -> int:
     if a.data is None:
         prepare_default_corpus()
     data, tokenizer = Path(a.data or DEFAULT_DATA).resolve(), Path(a.tokenizer or DEFAULT_TOKENIZER).resolve()
-    jsonl = Path(a.text_jsonl) if a.text_jsonl else (REPO / "data" / "shakespeare.jsonl" if a.data is None else None)
+    valid = Path(a.valid).resolve() if a.valid else None
+    jsonl = Path(a.text_jsonl) if a.text_jsonl else None
 
     import yaml
 
     from rf_megatron.flops import parameter_counts, training_flops_per_token
     from rf_megatron.quiet import silence_known_warnings
+    from rf_megatron.tokenizer import SentencePieceTokenizer
 
     silence_known_warnings()
+    sp = SentencePieceTokenizer(tokenizer)
 
     size = {k: v for k, v in SIZES[a.size].items() if k != "default_steps"}
     tokens = corpus_tokens(data)
     per_step = size["train.global_batch_size"] * size["model.seq_length"]
-    steps = a.steps or (round(a.epochs * 0.95 * tokens / per_step) if a.epochs else SIZES[a.size]["default_steps"]
-                        or round(0.95 * tokens / per_step))
+    share = 1.0 if valid else 0.95  # of the tokens, training's
+    steps = a.steps or (round(a.epochs * share * tokens / per_step) if a.epochs else SIZES[a.size]["default_steps"]
+                        or round(share * tokens / per_step))
     steps = max(steps, 2)
     base = {**size, "model.vocab_size": 4096, "data.paths": f"[{data}]", "data.tokenizer_model": tokenizer,
-            "data.split": "95,5,0", "data.cache_dir": out / "cache", "parallel.tensor_parallel": 1,
+            "data.split": "100,0,0" if valid else "95,5,0", "data.cache_dir": out / "cache",
+            **({"data.valid_paths": f"[{valid}]"} if valid else {}), "model.init": a.init,
+            "parallel.tensor_parallel": 1,
             "train.eval_full": True, "train.lambda_log_interval": max(1, steps // 20), "train.log_interval": 10,
             "optim.lr_warmup_steps": max(1, steps // 20), "logging.wandb_project": "null",
             "checkpoint.save_interval": 0, "checkpoint.keep_last": 1,
             **{k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in a.set)}}
+    heldout_part = held_out_part(base)
+    heldout = held_out_text(jsonl, *heldout_part, sp)  # refuses a foreign --text-jsonl before any training
     flops = {name: training_flops_per_token(model_config({**base, **VARIANTS[name]})) for name in a.variants}
     plan = {}
     for name in a.variants:
         n = steps if a.budget == "tokens" else max(10, round(steps * flops.get("vanilla", flops[name]) / flops[name]))
         plan[name] = {**base, **VARIANTS[name], "train.train_steps": n, "train.eval_interval": max(1, n // a.evals)}
     print(f"{a.size}: {tokens:,} corpus tokens, {per_step} tokens/step, {steps} steps (vanilla; "
-          f"{steps * per_step / (0.95 * tokens):.2f} epochs), {len(a.variants)} variants x {a.seeds} seeds, "
-          f"equal {a.budget}, {a.jobs} at a time -> {out}", flush=True)
+          f"{steps * per_step / (share * tokens):.2f} epochs), init {a.init}, {len(a.variants)} variants x "
+          f"{a.seeds} seeds, equal {a.budget}, {a.jobs} at a time -> {out}", flush=True)
 
     jobs = [(name, seed) for seed in range(a.seeds) for name in a.variants]
     with ThreadPoolExecutor(a.jobs) as pool:
         dirs = list(pool.map(lambda job: run_one(*job, plan[job[0]], out, lambda m: print(m, flush=True)), jobs))
     run_dirs = {name: [d for (n, _), d in zip(jobs, dirs) if n == name] for name in a.variants}
     results = {name: [read_run(d) for d in run_dirs[name]] for name in a.variants}
-    bpt = bytes_per_token(jsonl, tokenizer, tokens) if jsonl else None
+    scored_tokens, text_bytes = scored_bytes(plan[a.variants[0]], sp)
+    logged = {r["valid_tokens"] for name in a.variants for r in results[name]}
+    bpt = text_bytes / scored_tokens if logged == {scored_tokens} else None
+    if bpt is None:  # the rebuilt set is not what the trainer scored: no bits/byte rather than a wrong one
+        print(f"warning: the runs scored {sorted(logged)} validation tokens, the rebuilt set has {scored_tokens}: "
+              "bits/byte left out")
     plots(results, a.variants, out)
     text_file = out / "heldout.txt"
-    if jsonl:  # the corpus's last document: in the validation share of data.split (documents split in order)
-        text_file.write_text(json.loads(jsonl.read_text().strip().splitlines()[-1])["text"][:200_000])
-    concentration = attention(run_dirs, a.variants, text_file, out) if a.attention and jsonl else {}
+    text_file.write_text(heldout[:200_000])  # the held-out set's last document
+    concentration = attention(run_dirs, a.variants, text_file, out) if a.attention else {}
 
     lines = [f"# Value residual vs vanilla: {a.size}, equal {a.budget}, {a.seeds} seeds", "",
              "| variant | params | steps | valid loss (nats/token) | bits/byte | vs vanilla (95% CI, paired) | "
@@ -267,10 +343,14 @@ def main(argv=None) -> int:
                      + f" | {s['tokens_per_s']:,.0f} | "
                      + (f"{s['attn_entropy_norm']:.3f} | {s['first_token_mass']:.3f} |" if name in concentration
                         else "- | - |"))
+    if bpt:
+        lines += ["", f"bits/byte: the {scored_tokens:,} scored validation tokens decode to {text_bytes:,} UTF-8 bytes "
+                      f"({bpt:.3f} bytes/token) of the held-out documents of {heldout_part[0]}."]
     report = "\n".join(lines) + "\n"
     (out / "report.md").write_text(report)
-    (out / "results.json").write_text(json.dumps({"summary": summary, "plan": {k: {kk: str(vv) for kk, vv in v.items()}
-                                                                            for k, v in plan.items()}}, indent=1))
+    scored = {"tokens": scored_tokens, "bytes": text_bytes}  # what bits/byte divides
+    plans = {k: {kk: str(vv) for kk, vv in v.items()} for k, v in plan.items()}
+    (out / "results.json").write_text(json.dumps({"summary": summary, "scored": scored, "plan": plans}, indent=1))
     print(report)
     print(f"wrote {out / 'report.md'}, results.json, valid_curves.png, lambdas.png"
           + (", attention/" if concentration else ""))

@@ -4,13 +4,14 @@
     python bench/quality_crosscheck.py                 # vanilla and ResFormer identity, 3 seeds, 50 steps, tiny shape
 
 At the quality benchmark's tiny shape and data, for each seed, three trainings of each variant:
-  hf-init/megatron   the Megatron trainer (TP1) from one set of plainly initialised weights (normal(0, 0.02)
-                     everywhere, norms 1: the HF model's init), imported weights-only (tools/convert_hf_to_checkpoint)
+  hf-init/megatron   the Megatron trainer (TP1) from one set of weights initialised with model.init=paper
+                     (normal(0, 0.02) everywhere, norms 1: the released code's HF init), imported weights-only
+                     (tools/convert_hf_to_checkpoint), so that both engines start from the very same tensors
   hf-init/pytorch    the plain-PyTorch HF model (modeling_rfgpt.py / Llama) from the SAME weights, trained by
                      pretrain_hf_deepspeed.py (ZeRO-2, one process): same data order, LR schedule, weight decay
                      grouping (no decay on 1-D tensors: norms and lambdas), same lambda learning rate
-  megatron-init      the Megatron trainer from Megatron's own init (output projections scaled by 1/sqrt(2L)),
-                     what bench/quality.py runs
+  megatron-init      the Megatron trainer from Megatron's own init (model.init=megatron: output projections
+                     scaled by 1/sqrt(2L)), bench/quality.py's default
 It prints the largest per-step loss difference between the two engines on the same init (an implementation
 check over the first steps), and ResFormer - vanilla (final training-window loss and validation loss) under
 each init, paired by seed.
@@ -36,6 +37,7 @@ import quality  # noqa: E402  (the benchmark's shape, data and CI helpers)
 
 VARIANTS = {"vanilla": quality.VARIANTS["vanilla"], "identity": quality.VARIANTS["identity"]}
 ARMS = ("hf-init/megatron", "hf-init/pytorch", "megatron-init")
+INIT = {"hf-init/megatron": "paper", "hf-init/pytorch": "paper", "megatron-init": "megatron"}  # model.init per arm
 
 
 def run(cmd, log_path: Path) -> None:
@@ -52,13 +54,13 @@ def torchrun(script, *args):
 
 
 def initial_folder(variant: str, seed: int, base: dict, out: Path, tokenizer: Path) -> Path:
-    """The plainly initialised HF weights both hf-init arms start from."""
+    """The model.init=paper HF weights both hf-init arms start from."""
     from rf_megatron.hf.folder import write_model_files
     from rf_megatron.zero.hf_model import build_fresh, hf_state
 
     init = out / "init" / f"{variant}_seed{seed}"
     if not (init / "config.json").exists():
-        model = quality.model_config({**base, **VARIANTS[variant]})
+        model = quality.model_config({**base, **VARIANTS[variant], "model.init": "paper"})
         init.mkdir(parents=True, exist_ok=True)
         write_model_files(init, hf_state(build_fresh(model, seed=1000 + seed), model), model, {}, "fp32", 1 << 30)
         shutil.copyfile(tokenizer, init / "tokenizer.model")
@@ -72,7 +74,7 @@ def one(arm: str, variant: str, seed: int, base: dict, out: Path, tokenizer: Pat
         return run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    overrides = {**base, **VARIANTS[variant], "train.seed": seed, "logging.dir": run_dir,
+    overrides = {**base, **VARIANTS[variant], "model.init": INIT[arm], "train.seed": seed, "logging.dir": run_dir,
                  "checkpoint.dir": run_dir / "ckpt"}
     args = [f"{k}={v}" for k, v in overrides.items()]
     begin = time.monotonic()

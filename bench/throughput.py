@@ -238,6 +238,8 @@ def main(argv=None):
 
     shape = args.shape or ("resformer_82m" if gpu else "tiny")
     preset = load_run_config(SHAPES[shape])
+    if preset.model.vocab_size is None:  # tiny_cpu takes it from its tokenizer (4,096 pieces), which may not be here
+        preset.model.vocab_size = 4096
     micro_batch = args.micro_batch or preset.train.micro_batch_size
     global_batch = args.global_batch or GLOBAL_BATCH[shape]
     if global_batch % micro_batch:

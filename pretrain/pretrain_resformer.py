@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def build():
-        cfg = load_run_config(args.config, args.overrides)  # config errors come before the slow imports
+        cfg = load_run_config(args.config, args.overrides)  # config errors come before the slow imports,
+        cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # every one of them in one line
         stop_if_finished(cfg)  # a finished run (a re-run sweep, a resubmitted job) ends here, as fast
         from rf_megatron.trainer import Trainer
 

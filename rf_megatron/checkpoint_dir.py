@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .config import ConfigError
+from .console import is_rank0  # noqa: F401  (re-exported)
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -35,13 +36,6 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def is_rank0() -> bool:
-    """Rank 0 of the process group, or by the launcher's RANK before the group exists."""
-    import torch.distributed as dist
-
-    return (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0
-
-
 def point_latest(root: Path, name: str) -> None:
     """Rewrite `latest` atomically (write + rename)."""
     pointer = Path(root) / f"{LATEST}.tmp"
@@ -51,6 +45,27 @@ def point_latest(root: Path, name: str) -> None:
 
 def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
+
+
+def iter_name(step: int) -> str:
+    """The directory name of step `step`'s checkpoint (Megatron-LM's `iter_NNNNNNN`)."""
+    return f"iter_{step:07d}"
+
+
+def resolve_iteration(path) -> Path:
+    """A checkpoint root (following `latest`) or an `iter_N` directory -> the iteration directory. Raises
+    CheckpointError in one line; what the caller needs inside the directory is the caller's to check."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: no such directory")
+    if (path / LATEST).exists():
+        name = (path / LATEST).read_text(errors="replace").strip()
+        if not (path / name).is_dir():
+            raise CheckpointError(f"incomplete checkpoint: {path}/{LATEST} names {name}, which does not exist")
+        return path / name
+    if path.name.startswith("iter_"):
+        return path
+    raise CheckpointError(f"checkpoint {path}: neither a checkpoint root (no '{LATEST}' file) nor an iter_N directory")
 
 
 def step_of(path: Path) -> int:

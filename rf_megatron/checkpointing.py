@@ -21,7 +21,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from .checkpoint_dir import CheckpointError, commit, latest_checkpoint, write_manifest  # noqa: F401 (re-exported)
+from .checkpoint_dir import (CheckpointError, commit, iter_name, latest_checkpoint, read_train_state,  # noqa: F401
+                             write_manifest)  # (CheckpointError, latest_checkpoint: re-exported)
 from .distopt_fixes import init_optimizer_state
 from .model import unwrap
 
@@ -106,7 +107,7 @@ def save_checkpoint(root, step: int, model: List, optimizer, scheduler, train_st
     chunks; `sharded_strategy`: how the tensors are written (default: Megatron's torch_dist; the HF importer
     streams them, rf_megatron.hf.streaming_save)."""
     root = Path(root)
-    name = f"iter_{step:07d}"
+    name = iter_name(step)
     final, tmp = root / name, root / f"{name}.tmp"
     if _rank0():
         root.mkdir(parents=True, exist_ok=True)
@@ -142,7 +143,7 @@ def load_checkpoint(path, model: List, optimizer, scheduler) -> Dict[str, Any]:
     checkpoint loads the model alone: the optimizer and scheduler stay as built (fresh), the optimizer's main
     (fp32) copies re-read from the loaded weights."""
     path = Path(path)
-    train_state = json.loads((path / "train_state.json").read_text())
+    train_state = read_train_state(path)
     weights_only = bool(train_state.get("weights_only"))
     same_layout = train_state.get("layout") == _layout() and not weights_only
     if not weights_only:

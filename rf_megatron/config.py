@@ -29,7 +29,10 @@ class ModelConfig:
     num_attention_heads: int = 4
     num_query_groups: Optional[int] = None  # None: multi-head attention (one KV head per head)
     ffn_hidden_size: Optional[int] = None  # None: 4 * hidden_size
-    vocab_size: int = 256
+    # None: the tokenizer's vocabulary (data.tokenizer_model) padded up to a multiple of
+    # make_vocab_size_divisible_by x tensor_parallel, filled in when the run config is loaded (rf_megatron/vocab.py)
+    vocab_size: Optional[int] = None
+    make_vocab_size_divisible_by: int = 128  # Megatron-LM's --make-vocab-size-divisible-by
     seq_length: int = 32
     normalization: str = "RMSNorm"
     swiglu: bool = True
@@ -55,6 +58,11 @@ class ModelConfig:
         return self.num_query_groups or self.num_attention_heads
 
     @property
+    def ffn_size(self) -> int:
+        """The FFN width: ffn_hidden_size, or 4 x hidden_size when it is not set."""
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
@@ -69,8 +77,10 @@ class ModelConfig:
 
         problem = config_problem(self.variant, self.lambda_mode, self.num_layers, self.sparse_layers)
         need(problem is None, problem)  # the value-residual choice: one set of rules, also read by the HF config
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
-            need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length",
+                     "make_vocab_size_divisible_by"):
+            value = getattr(self, name)
+            need(value is None or value > 0, f"{name}={value} must be positive")  # None: vocab_size from data
         need(self.hidden_size % self.num_attention_heads == 0,
              f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
         need(self.num_attention_heads % self.kv_heads == 0,
@@ -85,7 +95,8 @@ class ModelConfig:
         tp, pp, vpp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.virtual_pipeline_parallel
         need(self.num_attention_heads % tp == 0,
              f"tensor_parallel={tp} does not divide num_attention_heads={self.num_attention_heads}")
-        need(self.vocab_size % tp == 0, f"tensor_parallel={tp} does not divide vocab_size={self.vocab_size}")
+        need(self.vocab_size is None or self.vocab_size % tp == 0,  # None: resolved later, padded to fit TP
+             f"tensor_parallel={tp} does not divide vocab_size={self.vocab_size}")
         need(self.num_layers % (pp * (vpp or 1)) == 0,
              f"num_layers={self.num_layers} is not divisible by pipeline_parallel*virtual_pipeline_parallel={pp * (vpp or 1)}")
         if parallel.sequence_parallel:
@@ -187,13 +198,15 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, cpu: 
 
     parallel.validate()
     model.validate(parallel)
+    if model.vocab_size is None:
+        raise ConfigError("model.vocab_size is not set (a run config takes it from data.tokenizer_model)")
     dtype = DTYPES[parallel.params_dtype]
     kwargs = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.kv_heads,
-        ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
+        ffn_hidden_size=model.ffn_size,
         kv_channels=model.head_dim,
         normalization=model.normalization,
         layernorm_epsilon=model.layernorm_epsilon,

@@ -3,13 +3,13 @@ train/valid/test splits, and iterators whose position (consumed samples) is chec
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 import torch
 
 from .config import ConfigError
+from .console import is_rank0
 
 
 def _is_weight(item) -> bool:
@@ -40,10 +40,9 @@ def blend_prefixes(paths: List[str]) -> List[str]:
 def check_data(paths: List[str], vocab_size: int, tokenizer) -> None:
     """Fail early, with the file named, on missing/corrupt data or a vocab that is too small."""
     from .indexed_data import TOKENIZER_RECORD, DataError, max_token_id, tokenized_with, verify_indexed_dataset
+    from .vocab import check_vocab_size
 
-    if vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
-                          f"({tokenizer.vocab_size}, {tokenizer.model_path})")
+    check_vocab_size(vocab_size, tokenizer.vocab_size, tokenizer.model_path)
     for prefix in blend_prefixes(paths):
         try:
             verify_indexed_dataset(prefix)
@@ -51,7 +50,7 @@ def check_data(paths: List[str], vocab_size: int, tokenizer) -> None:
             record = tokenized_with(prefix, tokenizer)
         except DataError as exc:
             raise ConfigError(str(exc)) from None
-        if record == "unknown" and int(os.environ.get("RANK", "0")) == 0:
+        if record == "unknown" and is_rank0():
             print(f"warning: {prefix} has no {prefix.rsplit('/', 1)[-1]}{TOKENIZER_RECORD} (tools/preprocess_data.py "
                   f"writes one): cannot check it was tokenized with {tokenizer.model_path}", flush=True)
         if top >= vocab_size:
@@ -138,6 +137,13 @@ def check_held_out_sources(data) -> None:
                               f"too: use data.split={fixed} with data.{option}")
 
 
+def held_out_is_weighted(data, index: int) -> bool:
+    """Whether the validation (index 1) or test (2) set is a weighted blend: built to the size of one evaluation
+    (eval_steps global batches), with no whole to score."""
+    paths = getattr(data, HELD_OUT[index][1]) or data.paths
+    return blend_prefixes(paths) != list(paths)
+
+
 def build_run_datasets(cfg, tokenizer, skip_batches: int = 0):
     """(train, valid, test) GPTDatasets, the same samples in the same order for both trainers.
 
@@ -157,7 +163,7 @@ def build_run_datasets(cfg, tokenizer, skip_batches: int = 0):
     if valid is None and t.eval_only:
         raise ConfigError(f"train.eval_only=true but data.split={d.split} leaves no validation set (set "
                           "data.valid_paths, or give data.split a validation share)")
-    if valid is None and int(os.environ.get("RANK", "0")) == 0:
+    if valid is None and is_rank0():
         print(f"note: data.split={d.split} has no validation split: training without evaluation", flush=True)
     return train, valid, test
 
@@ -174,7 +180,7 @@ def _build_held_out(cfg, tokenizer, weights, index: int):
         paths, split = d.paths, d.split
     else:
         return None
-    weighted = blend_prefixes(paths) != list(paths)
+    weighted = held_out_is_weighted(d, index)
     if weighted and t.eval_full:
         raise ConfigError(f"train.eval_full needs an unweighted {name} set (a weighted blend has no whole to "
                           f"score): list the data.{option} prefixes without weights")

@@ -11,11 +11,11 @@
 from __future__ import annotations
 
 import os
-import sys
 from typing import Dict, Optional
 
 import torch
 
+from .console import say
 from .errors import ConfigError
 
 _DEVICE: Optional[torch.device] = None
@@ -34,9 +34,6 @@ def gpus_requested() -> str:
     return f"SLURM_TRES_PER_TASK={tres}" if "gpu" in tres else ""
 
 
-def _say(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(msg, file=sys.stderr if msg.startswith("warning:") else sys.stdout, flush=True)
 
 
 def select_device(*, megatron: bool = True, cpu: bool = False, why_cpu: str = "") -> torch.device:
@@ -57,7 +54,7 @@ def select_device(*, megatron: bool = True, cpu: bool = False, why_cpu: str = ""
         simulated_gpu.enable(deepspeed=not megatron)
         _SIMULATED = True
         _DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        _say(f"simulated GPU: CPU tensors tagged as {_DEVICE} (RF_MEGATRON_CPU=simulate-gpu)")
+        say(f"simulated GPU: CPU tensors tagged as {_DEVICE} (RF_MEGATRON_CPU=simulate-gpu)")
         return _DEVICE
     if cpu or mode == "1" or not torch.cuda.is_available():
         if not (cpu or mode == "1") and (asked := gpus_requested()):
@@ -70,7 +67,7 @@ def select_device(*, megatron: bool = True, cpu: bool = False, why_cpu: str = ""
 
             enable_cpu_mode(allow_with_cuda=True)
         reason = why_cpu or ("RF_MEGATRON_CPU=1" if mode == "1" else "this machine has no CUDA device")
-        _say(f"running on the CPU with gloo ({reason})")
+        say(f"running on the CPU with gloo ({reason})")
         _DEVICE = torch.device("cpu")
         return _DEVICE
     local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Callable
 
+from .console import is_rank0
 from .resume import AlreadyFinished
 from .training_loop import TrainingLoop, TrainingStopped
 
@@ -35,13 +36,13 @@ def _run(build: Callable[[], "TrainingLoop"]) -> int:
         default_to_one_process()  # a plain `python pretrain/...` launch: rank 0 of 1
         trainer = build()
     except AlreadyFinished as exc:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_rank0():
             print(str(exc), flush=True)
         return 0
     except ConfigError as exc:
         # Config errors are the same on every rank: rank 0 says it. A damaged checkpoint file may fail on
         # one rank only (the one reading it), while the others wait in a collective: that rank says it.
-        if int(os.environ.get("RANK", "0")) == 0 or getattr(exc, "every_rank", False):
+        if is_rank0() or getattr(exc, "every_rank", False):
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
@@ -49,7 +50,7 @@ def _run(build: Callable[[], "TrainingLoop"]) -> int:
     try:
         result = trainer.train()
     except TrainingStopped as exc:  # every rank sees the same (global) loss / grad norm and stops here
-        if int(os.environ.get("RANK", "0")) == 0 or getattr(exc, "every_rank", False):  # (or a rank-local save)
+        if is_rank0() or getattr(exc, "every_rank", False):  # (or a rank-local save)
             print(f"error: {exc}", file=sys.stderr, flush=True)
         exit_now(1)
     except KeyboardInterrupt:
@@ -63,9 +64,9 @@ def _run(build: Callable[[], "TrainingLoop"]) -> int:
         sys.stderr.flush()
         exit_now(1)
     trainer.close()  # the logging backends closed in train(): the summary comes after their output
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_rank0():
         print(trainer.closing_summary(result), flush=True)
-    if "stopped" in result and result.get("saved") and int(os.environ.get("RANK", "0")) == 0:
+    if "stopped" in result and result.get("saved") and is_rank0():
         # under SLURM the job script says what comes next (slurm/pretrain.sbatch: requeue, or resubmit)
         how = "checkpoint saved" if os.environ.get("SLURM_JOB_ID") else "rerun the same command to resume"
         print(f"stopped at step {result['step']} ({result['stopped']}); {how}", flush=True)
@@ -77,6 +78,6 @@ def _interrupted_before_training() -> None:
     from .child_lifetime import exit_now
     from .signals import INTERRUPTED
 
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_rank0():
         print("interrupted before the first step: nothing to save", file=sys.stderr, flush=True)
     exit_now(INTERRUPTED)

@@ -27,7 +27,7 @@ def _value_rows(m: ModelConfig, layer: int) -> int:
 
 
 def parameter_counts(m: ModelConfig) -> Counts:
-    h, ffn = m.hidden_size, m.ffn_hidden_size or 4 * m.hidden_size
+    h, ffn = m.hidden_size, m.ffn_size
     q, k = m.num_attention_heads * m.head_dim, m.kv_heads * m.head_dim
     norm = h * (2 if m.normalization == "LayerNorm" else 1)
     layers = 0
@@ -43,7 +43,7 @@ def parameter_counts(m: ModelConfig) -> Counts:
 def training_flops_per_token(m: ModelConfig, seq_length: int = None) -> float:
     """Forward + backward (3x forward) matmul FLOPs per trained token."""
     s = seq_length or m.seq_length
-    h, ffn = m.hidden_size, m.ffn_hidden_size or 4 * m.hidden_size
+    h, ffn = m.hidden_size, m.ffn_size
     q, k = m.num_attention_heads * m.head_dim, m.kv_heads * m.head_dim
     forward = 0
     for n in range(1, m.num_layers + 1):

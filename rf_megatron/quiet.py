@@ -24,6 +24,9 @@ KNOWN_NOISE = (
     (r".*TypedStorage is deprecated", UserWarning, "always"),
     (r".*deprecating ShardedTensor", FutureWarning, "always"),  # Megatron's dist_checkpointing still uses it
     (r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated", FutureWarning, "always"),
+    # torch DCP when the HF import writes a checkpoint in one process, which is what it means to do
+    (r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to save in a single",
+     UserWarning, "always"),
     # torch on a CPU-only machine, from Megatron's CUDA-minded code paths our CPU shim redirects
     (r".*CUDA is not available", UserWarning, "cpu"),
     (r".*(pin_memory|pinned memory).*no accelerator", UserWarning, "cpu"),

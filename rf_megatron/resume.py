@@ -3,10 +3,10 @@ resume is the newest one that verifies (damaged ones moved aside, a rewind past 
 same model and lineage; the rewind's data skip and the schedule options changed since the checkpoint are said."""
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Optional
+
+from .console import say
 
 SCHEDULE_OPTIONS = (("optim", "lr"), ("optim", "min_lr"), ("optim", "lr_warmup_steps"), ("optim", "lr_decay_style"),
                     ("optim", "lr_wsd_decay_steps"), ("optim", "weight_decay"), ("train", "train_steps"))
@@ -68,12 +68,12 @@ class ResumeChecks:
             prepare_fresh_run(ckpt.dir, ckpt.start_over, rank0=is_rank0())
             return None
         if ckpt.rewind_to_healthy:
-            path = rewind(ckpt.dir, path, say=_say, rank0=is_rank0())
+            path = rewind(ckpt.dir, path, say=say, rank0=is_rank0())
         elif read_health(ckpt.dir).get(path.name, {}).get("healthy") is False:
-            _say(f"warning: {path} is marked unhealthy ({Path(ckpt.dir) / 'health.json'}: the steps after it "
+            say(f"warning: {path} is marked unhealthy ({Path(ckpt.dir) / 'health.json'}: the steps after it "
                  "diverged); resuming it anyway: checkpoint.rewind_to_healthy=true resumes the newest healthy one "
                  "and skips the data of the diverging steps")
-        path = newest_verified(ckpt.dir, path, say=_say)
+        path = newest_verified(ckpt.dir, path, say=say)
         if path is None:
             raise ConfigError(f"no checkpoint in checkpoint.dir={ckpt.dir} matches its checksums (each was moved "
                               "aside, see above): set checkpoint.start_over=true to start again")
@@ -119,7 +119,7 @@ def hold_checkpoint_dir(root) -> None:
     problem = None
     if is_rank0():
         try:
-            run_lock.acquire(root, say=_say)
+            run_lock.acquire(root, say=say)
         except run_lock.DirectoryInUse as exc:
             problem = str(exc)
         except OSError as exc:  # a read-only or full checkpoint.dir
@@ -134,7 +134,3 @@ def hold_checkpoint_dir(root) -> None:
         raise ConfigError(problem)
 
 
-def _say(msg: str) -> None:
-    """Print on rank 0 (also before a process group exists)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(msg, file=sys.stderr if msg.startswith("warning:") else sys.stdout, flush=True)

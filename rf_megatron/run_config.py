@@ -1,8 +1,9 @@
 """The whole run as one dataclass tree, loaded from a YAML preset plus `section.key=value` overrides.
 
 Validated before any process group exists: unknown keys (with a "did you mean"), wrong types,
-batch sizes that do not divide, missing data. The resolved tree is saved with every run and every
-checkpoint (`save_yaml`).
+batch sizes that do not divide, missing data; every problem of one start in one message, not one per start.
+`model.vocab_size=null` becomes the tokenizer's padded vocabulary on load (rf_megatron/vocab.py). The resolved
+tree is saved with every run and every checkpoint (`save_yaml`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from .config import ConfigError, ModelConfig, OptimConfig, ParallelConfig
+from .console import is_rank0
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "pretrain" / "configs"
 
@@ -48,6 +50,9 @@ class TrainConfig:
     eval_interval: int = 100  # 0: only at the end
     eval_steps: int = 4  # global batches per evaluation: always the same first samples of the validation set
     eval_full: bool = False  # score the whole validation (and test) set at every evaluation; eval_steps is ignored
+    # the evaluation after the last step (and train.eval_only, and the test set) scores the whole held-out set,
+    # while the evaluations every eval_interval steps stay eval_steps batches (a weighted blend: always those)
+    final_eval_full: bool = False
     eval_only: bool = False  # evaluate once (the checkpoint resumed, else the initialisation) and exit: no training
     # a step whose loss exceeds this x the mean of the last 10 marks the checkpoint before it unhealthy
     # (rf_megatron/checkpoint_health.py); 0: only non-finite values do
@@ -103,9 +108,37 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def validate(self, world_size: Optional[int] = None) -> None:
-        self.parallel.validate(world_size)
-        self.model.validate(self.parallel)
-        self.optim.validate()
+        """Every problem at once: a ConfigError with one line (`N problems in the config: a; b`)."""
+        raise_all(self.problems(world_size))
+
+    def problems(self, world_size: Optional[int] = None) -> List[str]:
+        """The first problem of each independent check: parallel layout, tokenizer and vocabulary, model, optimizer,
+        training, data. A check that needs a valid layout runs against the default one when the layout is wrong."""
+        from .vocab import padded_vocab_size
+
+        found: List[str] = []
+
+        def check(run, *args) -> bool:
+            try:
+                run(*args)
+                return True
+            except ConfigError as exc:
+                found.append(str(exc))
+                return False
+
+        layout_ok = check(self.parallel.validate, world_size)
+        parallel = self.parallel if layout_ok else ParallelConfig()
+        check(self._validate_vocabulary)
+        model = self.model
+        if model.vocab_size is None:  # the tokenizer could not say: the model's other options are still checked
+            model = dataclasses.replace(model, vocab_size=padded_vocab_size(1, 1, parallel.tensor_parallel))
+        check(model.validate, parallel)
+        check(self.optim.validate)
+        check(self._validate_train, world_size if layout_ok else None)
+        check(self._validate_data)
+        return found
+
+    def _validate_train(self, world_size: Optional[int]) -> None:
         t = self.train
         if t.eval_only and self.checkpoint.start_over:
             raise ConfigError("train.eval_only=true with checkpoint.start_over=true: an evaluation never moves "
@@ -134,10 +167,22 @@ class RunConfig:
             if t.global_batch_size % (t.micro_batch_size * dp):
                 raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                                   f"micro_batch_size*data_parallel={t.micro_batch_size}*{dp}")
+
+    def _validate_vocabulary(self) -> None:
+        """data.tokenizer_model can be read, and model.vocab_size (null: resolved from it here) holds its pieces."""
+        from .vocab import check_vocab_size, resolve_vocab_size, tokenizer_vocabulary
+
+        if not self.data.tokenizer_model:
+            raise ConfigError("data.tokenizer_model is not set" + (
+                " (model.vocab_size=null takes the vocabulary from it)" if self.model.vocab_size is None else ""))
+        problem = resolve_vocab_size(self)  # null -> the tokenizer's, padded (done on load when it could be read)
+        if problem:
+            raise ConfigError(problem)
+        check_vocab_size(self.model.vocab_size, tokenizer_vocabulary(self.data.tokenizer_model), self.data.tokenizer_model)
+
+    def _validate_data(self) -> None:
         if not self.data.paths:
             raise ConfigError("data.paths is empty: give one or more indexed dataset prefixes (tools/preprocess_data.py)")
-        if not self.data.tokenizer_model:
-            raise ConfigError("data.tokenizer_model is not set")
         from .data import check_held_out_sources
 
         check_held_out_sources(self.data)
@@ -173,32 +218,49 @@ RENAMED = {"model.residual_layers": "model.sparse_layers"}
 
 def _renamed(path: str, value: Any) -> str:
     new = RENAMED[path]
-    if value is not None and int(os.environ.get("RANK", "0")) == 0:
+    if value is not None and is_rank0():
         print(f"note: {path} is deprecated, use {new} (same meaning)", file=sys.stderr, flush=True)
     return new.rsplit(".", 1)[-1]
 
 
-def _build(cls, data: Dict[str, Any], prefix: str):
+def raise_all(problems: List[str]) -> None:
+    """One ConfigError for every problem found (one line, as the entry points print it); none: return."""
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems in the config: " + "; ".join(problems))
+
+
+def _build(cls, data: Dict[str, Any], prefix: str, problems: Optional[List[str]] = None):
+    """`cls` from a YAML mapping. Each unknown key or wrong type is appended to `problems` and that option keeps
+    its default; the top-level call raises them all together."""
+    top = problems is None
+    problems = [] if top else problems
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in (data or {}).items():
         path = f"{prefix}{key}"
-        if path in RENAMED:
-            key = _renamed(path, value)
-            if key in (data or {}):
-                raise ConfigError(f"{path} and {RENAMED[path]} are both set: keep {RENAMED[path]}")
-            path = RENAMED[path]
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise ConfigError(f"unknown option {path}{hint}")
-        if dataclasses.is_dataclass(hints[key]):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{path} must be a section (a mapping)")
-            kwargs[key] = _build(hints[key], value, f"{path}.")
-        else:
-            kwargs[key] = _type_check(path, value, hints[key])
+        try:
+            if path in RENAMED:
+                key = _renamed(path, value)
+                if key in (data or {}):
+                    raise ConfigError(f"{path} and {RENAMED[path]} are both set: keep {RENAMED[path]}")
+                path = RENAMED[path]
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1)
+                hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+                raise ConfigError(f"unknown option {path}{hint}")
+            if dataclasses.is_dataclass(hints[key]):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{path} must be a section (a mapping)")
+                kwargs[key] = _build(hints[key], value, f"{path}.", problems)
+            else:
+                kwargs[key] = _type_check(path, value, hints[key])
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if top:
+        raise_all(problems)
     return cls(**kwargs)
 
 
@@ -241,7 +303,11 @@ def load_run_config(config: str, overrides: Optional[List[str]] = None) -> RunCo
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    return resolve_output_dirs(_build(RunConfig, _merge(data, parse_overrides(overrides or [])), ""))
+    cfg = resolve_output_dirs(_build(RunConfig, _merge(data, parse_overrides(overrides or [])), ""))
+    from .vocab import resolve_vocab_size
+
+    resolve_vocab_size(cfg)  # model.vocab_size=null -> the tokenizer's; if it cannot be read, validate() says why
+    return cfg
 
 
 def resolve_output_dirs(cfg: RunConfig) -> RunConfig:

@@ -15,6 +15,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from .console import is_rank0
+
 INTERRUPTED = 130  # a shell's exit code for a process ended by SIGINT
 
 
@@ -27,12 +29,12 @@ class ExitSignals:
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and self.received == "SIGINT":
-            if int(os.environ.get("RANK", "0")) == 0:
+            if is_rank0():
                 print("second interrupt: exiting now, without saving", file=sys.stderr, flush=True)
             from .child_lifetime import exit_now
 
             exit_now(INTERRUPTED)
-        if signum == signal.SIGINT and self.received is None and int(os.environ.get("RANK", "0")) == 0:
+        if signum == signal.SIGINT and self.received is None and is_rank0():
             # os.write: print() is not safe in a handler that may interrupt another print
             os.write(2, b"interrupt: finishing the step and saving (Ctrl-C again exits at once, without saving)\n")
         self.received = signal.Signals(signum).name

@@ -21,7 +21,7 @@ from .flops import parameter_counts
 from .model import unwrap
 from .run_config import RunConfig
 from .schedule import forward_backward
-from .training_loop import TrainingLoop
+from .training_loop import TrainingLoop, token_weighted_mean
 
 
 def _loss_func(loss_mask, output_tensor):
@@ -39,16 +39,20 @@ def _forward_step(data_iterator, model):
     return output, lambda out: _loss_func(batch["loss_mask"], out)
 
 
-def _global_loss(losses: List[Dict]) -> float:
-    """Token-weighted mean loss over microbatches and DP ranks, known on every rank."""
+def holds_the_loss() -> bool:
+    """The last pipeline stage's TP rank 0 holds the losses (one copy per data-parallel replica)."""
     from megatron.core import parallel_state as ps
 
+    return ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+
+
+def _global_loss(losses: List[Dict]) -> float:
+    """Token-weighted mean loss over microbatches and DP ranks, known on every rank."""
     stats = torch.zeros(2, dtype=torch.float64, device=current_device())
-    if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
+    if holds_the_loss():
         for item in losses:
             stats += item["lm loss"].double()
-    dist.all_reduce(stats)
-    return (stats[0] / stats[1].clamp(min=1)).item()
+    return token_weighted_mean(stats)
 
 
 class Trainer(TrainingLoop):
@@ -73,9 +77,7 @@ class Trainer(TrainingLoop):
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.train_steps)
         resume_from = self.find_resume_checkpoint()
         self.train_ds, self.valid_ds, self.test_ds = build_run_datasets(cfg, self.tokenizer, self.skip_batches)
-        self.resume(resume_from, log_writer=(ps.is_pipeline_last_stage(ignore_virtual=True)
-                                             and ps.get_tensor_model_parallel_rank() == 0
-                                             and ps.get_data_parallel_rank() == 0))
+        self.resume(resume_from, log_writer=holds_the_loss() and ps.get_data_parallel_rank() == 0)
         counts = parameter_counts(cfg.model)
         self._print(f"{self.run_label()} ({counts.non_embedding / 1e6:.2f}M non-embedding), "
                     f"world {dist.get_world_size()} = TP{cfg.parallel.tensor_parallel} x PP{cfg.parallel.pipeline_parallel}"
@@ -109,7 +111,7 @@ class Trainer(TrainingLoop):
             stats += item["lm loss"].double()
 
     def counts_eval_terms(self) -> bool:
-        return self.ps.is_pipeline_last_stage(ignore_virtual=True) and self.ps.get_tensor_model_parallel_rank() == 0
+        return holds_the_loss()
 
     def set_training(self, training: bool) -> None:
         for m in self.model:

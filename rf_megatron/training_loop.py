@@ -15,8 +15,16 @@ from typing import Dict, Optional, Tuple
 
 import torch.distributed as dist
 
+from .checkpoint_dir import iter_name
 from .resume import ResumeChecks, stop_if_finished
 from .signals import ExitSignals
+
+
+def token_weighted_mean(stats) -> float:
+    """(sum of token losses, token count) of this rank, summed over all ranks -> the mean loss per token, the same
+    on every rank (microbatches and ranks weighted by their tokens, not averaged)."""
+    dist.all_reduce(stats)
+    return (stats[0] / stats[1].clamp(min=1)).item()
 
 
 class TrainingStopped(RuntimeError):
@@ -129,15 +137,15 @@ class TrainingLoop(ResumeChecks):
         return (f"{self.cfg.name}: {m.variant} ({m.lambda_mode if m.variant == 'resformer' else '-'}), "
                 f"{parameter_counts(m).total / 1e6:.2f}M params")
 
-    def evaluate(self, dataset) -> Tuple[float, int]:
-        """(token-weighted mean loss, tokens scored) over the window `eval_window(dataset)` of a held-out set,
-        the same on every rank."""
+    def evaluate(self, dataset, final: bool = False) -> Tuple[float, int]:
+        """(token-weighted mean loss, tokens scored) over the window `eval_window(dataset, final)` of a held-out
+        set, the same on every rank."""
         import torch
 
         from .data import MicrobatchStream
 
         t = self.cfg.train
-        batches, samples = self.eval_window(dataset)
+        batches, samples = self.eval_window(dataset, final)
         stream = MicrobatchStream(dataset, t.global_batch_size, t.micro_batch_size, limit=samples,
                                   **self.data_parallel())
         stats = torch.zeros(2, dtype=torch.float64, device=self.device)
@@ -148,8 +156,7 @@ class TrainingLoop(ResumeChecks):
         self.set_training(True)
         if not self.counts_eval_terms():
             stats.zero_()
-        dist.all_reduce(stats)
-        return (stats[0] / stats[1].clamp(min=1)).item(), int(stats[1].item())
+        return token_weighted_mean(stats), int(stats[1].item())
 
     def train_state(self) -> Dict:
         """train_state.json of a checkpoint of this step."""
@@ -201,7 +208,7 @@ class TrainingLoop(ResumeChecks):
         problem = write_problem(exc, root)
         if problem is None:
             return
-        name = f"iter_{self.step:07d}"
+        name = iter_name(self.step)
         try:
             kept = latest_checkpoint(root)
         except Exception:
@@ -290,7 +297,7 @@ class TrainingLoop(ResumeChecks):
         self._loop_start, self._first_step = time.time(), self.step  # the step lines' elapsed time and ETA
         try:
             if t.eval_only:
-                return {"valid_loss": self._log_eval(), **self._log_test(), "step": self.step}
+                return {"valid_loss": self._log_eval(final=True), **self._log_test(), "step": self.step}
             while self.step < t.train_steps:
                 step_start = time.time()
                 loss, grad_norm, applied = self.train_step()  # returns host floats: the step has finished
@@ -324,7 +331,7 @@ class TrainingLoop(ResumeChecks):
                         self._print(f"{reason}: exiting at step {self.step} WITHOUT a checkpoint (checkpoint.dir is "
                                     "not set): a rerun starts from step 0")
                     return {"step": self.step, "stopped": reason, "saved": bool(ckpt.dir)}
-            result["valid_loss"] = self._log_eval()
+            result["valid_loss"] = self._log_eval(final=True)
             result.update(self._log_test())
             self._checkpoint()
             self.on_finished()
@@ -340,7 +347,7 @@ class TrainingLoop(ResumeChecks):
         before = self._saved_step
         self.save()
         if self.cfg.checkpoint.dir and self._saved_step == self.step != before:
-            self.health.saved(f"iter_{self.step:07d}")
+            self.health.saved(iter_name(self.step))
 
     def _log_train(self, loss, grad_norm, mean_loss, steps, seconds, tokens_per_step):
         tokens_per_s = steps * tokens_per_step / max(seconds, 1e-9)
@@ -364,24 +371,31 @@ class TrainingLoop(ResumeChecks):
             f"MFU {f'{100 * mfu:.2f}%' if mfu is not None else 'n/a'} | {count(tokens)} tokens | "
             + progress(self.step, self.cfg.train.train_steps, self._first_step, time.time() - self._loop_start)))
 
-    def eval_window(self, dataset) -> Tuple[int, int]:
+    def eval_window(self, dataset, final: bool = False) -> Tuple[int, int]:
         """(global batches, samples) one evaluation of a held-out set scores: its first eval_steps global batches,
-        or all of it (train.eval_full); never a sample twice (a last partial batch is padded, masked out)."""
+        or all of it (train.eval_full; train.final_eval_full for the `final` one, after the last step); never a
+        sample twice (a last partial batch is padded, masked out)."""
         t = self.cfg.train
-        samples = len(dataset) if t.eval_full else min(t.eval_steps * t.global_batch_size, len(dataset))
+        full = t.eval_full or (final and t.final_eval_full)
+        samples = len(dataset) if full else min(t.eval_steps * t.global_batch_size, len(dataset))
         return -(-samples // t.global_batch_size), samples
 
-    def _log_eval(self, name: str = "valid") -> float:
-        """Score the validation (or test) set; log `<name>_loss`, `<name>_ppl` and `<name>_tokens`."""
+    def _log_eval(self, name: str = "valid", final: bool = False) -> float:
+        """Score the validation (or test) set; log `<name>_loss`, `<name>_ppl` and `<name>_tokens`. `final`: the
+        evaluation after the last step (or train.eval_only)."""
         dataset = getattr(self, f"{name}_ds", None)
         if dataset is None:  # data.split without that part, and no data.<name>_paths
             return float("nan")
+        from .data import held_out_is_weighted
         from .run_summary import eval_scope
 
-        loss, tokens = self.evaluate(dataset)
+        index = {"valid": 1, "test": 2}[name]
+        weighted = held_out_is_weighted(self.cfg.data, index)  # sized by eval_steps: no whole set to score
+        final = final and not weighted
+        loss, tokens = self.evaluate(dataset, final)
         ppl = math.exp(min(loss, 50))
         what = {"valid": "validation", "test": "test"}[name]
-        whole = self.eval_window(dataset)[1] == len(dataset)
+        whole = not weighted and self.eval_window(dataset, final)[1] == len(dataset)
         if name == "valid":
             self.last_eval = (loss, tokens, whole)
         self.metrics.log(self.step, {f"{name}_loss": loss, f"{name}_ppl": ppl, f"{name}_tokens": tokens},
@@ -391,7 +405,7 @@ class TrainingLoop(ResumeChecks):
 
     def _log_test(self) -> Dict[str, float]:
         """The test set, scored once at the end (Megatron-LM's do_test)."""
-        return {"test_loss": self._log_eval("test")} if getattr(self, "test_ds", None) is not None else {}
+        return {"test_loss": self._log_eval("test", final=True)} if getattr(self, "test_ds", None) is not None else {}
 
 
 def _peak_memory() -> Dict[str, float]:

@@ -6,13 +6,14 @@ line instead of in a queued job.
 
     python slurm/submit.py --nodes 2 --ntasks-per-node 8 --gpus-per-node 8 --time 24:00:00 \\
         --exp svf-468m resformer_468m model.variant=svformer data.paths=[/data/sp_text_document]
-    python slurm/submit.py --sweep sweeps/lr.txt --max-parallel 4 --ntasks-per-node 2
+    python slurm/submit.py --sweep slurm/sweeps/tiny_variants.txt --max-parallel 2 --ntasks-per-node 2
 
 The experiment (--exp, default: the preset plus a hash of the overrides, or the sweep file's name)
 owns runs/<exp>/: metrics.jsonl, checkpoints/ and the job's log slurm-<jobid>.out (sweeps:
 runs/<exp>/<i>/ per configuration and slurm-<jobid>_<i>.out). Submitting the same experiment again
-resumes from its latest checkpoint. The job saves, requeues itself and resumes when SLURM warns
---signal-seconds before the time limit (see slurm/pretrain.sbatch). Extra sbatch options go after
+resumes from its latest checkpoint; a run (or sweep line) whose latest checkpoint already reached
+train.train_steps is not submitted at all (one line says so). The job saves, requeues itself and resumes when
+SLURM warns --signal-seconds before the time limit (see slurm/pretrain.sbatch). Extra sbatch options go after
 --sbatch (e.g. --sbatch=--qos=high). Prints the job id on stdout.
 """
 from __future__ import annotations
@@ -62,20 +63,57 @@ def time_limit_seconds(limit: str) -> int:
     return ((int(days) * 24 + h) * 60 + m) * 60 + s
 
 
-def check_signal_lead(limit, signal_seconds: int) -> None:
-    """The save-and-requeue warning must leave the job time to train: at most half the time limit."""
+DEFAULT_SIGNAL_SECONDS = 300  # the scripts' own `#SBATCH --signal=B:USR1@300`
+
+
+def check_signal_lead(limit, signal_seconds, typed: bool = True):
+    """The save-and-requeue warning must leave the job time to train: at most half the time limit. Returns a note
+    (or None) for a time limit without any warning: SLURM's SIGTERM at the limit saves but never requeues."""
     from rf_megatron.config import ConfigError
 
-    if not limit or not signal_seconds:
-        return
+    if signal_seconds < 0:
+        raise ConfigError(f"--signal-seconds {signal_seconds}: give seconds >= 0 (0: no warning)")
+    if not limit:
+        return None
     try:
         seconds = time_limit_seconds(limit)
     except ValueError:
         raise ConfigError(f"--time {limit}: use minutes, HH:MM:SS or D-HH:MM:SS") from None
     if signal_seconds * 2 > seconds:
-        raise ConfigError(f"--signal-seconds {signal_seconds} is more than half of --time {limit} ({seconds} s): the "
-                          "save-and-requeue signal would come almost at once in every run; use a longer --time or "
-                          f"--signal-seconds <= {seconds // 2}")
+        given = f"--signal-seconds {signal_seconds}" + ("" if typed else " (the default)")
+        raise ConfigError(f"{given} is more than half of --time {limit} ({seconds} s): the save-and-requeue signal "
+                          "would come almost at once in every run; use a longer --time or "
+                          f"--signal-seconds N with N <= {seconds // 2} (0: no warning)")
+    if not signal_seconds:
+        return (f"note: --signal-seconds 0: no warning before the --time {limit} limit; SLURM's SIGTERM there makes "
+                "the ranks save (if within its KillWait) and the job ends without requeueing: resubmit to resume")
+    return None
+
+
+def finished_runs(configs):
+    """[(index, message)] for the configurations whose latest checkpoint already reached train.train_steps
+    (rf_megatron/resume.py's test, the one the trainer makes at start): submitting them would hold a node to say so."""
+    from rf_megatron.resume import AlreadyFinished, stop_if_finished
+
+    done = []
+    for i, cfg in configs:
+        try:
+            stop_if_finished(cfg)
+        except AlreadyFinished as exc:
+            done.append((i, str(exc)))
+    return done
+
+
+def array_spec(indices) -> str:
+    """sbatch --array for these task indices: runs of consecutive ones as ranges (0-3,5,7-9)."""
+    parts, start = [], None
+    for k, i in enumerate(indices):
+        if start is None:
+            start = i
+        if k + 1 == len(indices) or indices[k + 1] != i + 1:
+            parts.append(f"{start}-{i}" if i > start else f"{i}")
+            start = None
+    return ",".join(parts)
 
 
 def _partition(name):
@@ -127,8 +165,15 @@ def _gres_gpus(gres: str) -> int:
     return total
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A usage mistake is one `error:` line (not argparse's usage block first) and a pointer to --help."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python slurm/submit.py --help)\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="preset name or YAML path (not with --sweep)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     parser.add_argument("--sweep", metavar="FILE", help="one configuration per line: PRESET key=value ...")
@@ -142,8 +187,9 @@ def main(argv=None) -> int:
     parser.add_argument("--time", help="time limit, e.g. 4:00:00")
     parser.add_argument("--partition")
     parser.add_argument("--account")
-    parser.add_argument("--signal-seconds", type=int, default=300,
-                        help="SIGUSR1 this long before the time limit: save, requeue, resume (0: none)")
+    parser.add_argument("--signal-seconds", type=int, default=None,
+                        help=f"SIGUSR1 this long before the time limit: save, requeue, resume (default "
+                             f"{DEFAULT_SIGNAL_SECONDS}; 0: none, overriding the scripts' own #SBATCH --signal)")
     parser.add_argument("--max-restarts", type=int, help="RF_MAX_RESTARTS (default 10)")
     parser.add_argument("--engine", choices=("megatron", "deepspeed"), default="megatron",
                         help="trainer: Megatron-Core or the HF model with DeepSpeed ZeRO (RF_ENGINE)")
@@ -155,6 +201,17 @@ def main(argv=None) -> int:
 
     from check_config import check
     from rf_megatron.config import ConfigError
+    from rf_megatron.run_config import load_run_config
+
+    signal_typed = args.signal_seconds is not None
+    if not signal_typed:
+        args.signal_seconds = DEFAULT_SIGNAL_SECONDS
+
+    def resolve(preset, overrides):
+        """The run config the job will train (checked for this world size unless --no-check)."""
+        if args.no_check:
+            return load_run_config(preset, list(overrides))
+        return check(preset, overrides, world, layout, args.engine)
 
     if args.gpus_per_node is None:
         args.gpus_per_node = args.ntasks_per_node  # one rank per GPU: never a GPU job that silently gets none
@@ -178,24 +235,22 @@ def main(argv=None) -> int:
             if not lines:
                 raise ConfigError(f"sweep file {sweep} holds no configurations")
             exp = args.exp or sweep.stem
+            configs = []
             for i, line in enumerate(lines):
                 try:
                     preset, overrides = parse_line(line)
                 except ValueError as exc:
                     raise ConfigError(f"{sweep} configuration {i}: {exc}") from None
-                if not args.no_check:
-                    try:
-                        check(preset, exp_overrides(f"{exp}/{i}", args.runs) + overrides, world, layout,
-                              args.engine)
-                    except ConfigError as exc:
-                        raise ConfigError(f"{sweep} configuration {i} ({line}): {exc}") from None
+                try:
+                    configs.append((i, resolve(preset, exp_overrides(f"{exp}/{i}", args.runs) + overrides)))
+                except ConfigError as exc:
+                    raise ConfigError(f"{sweep} configuration {i} ({line}): {exc}") from None
         else:
             if not args.config:
                 raise ConfigError("give a preset (and overrides) or --sweep FILE")
             exp = args.exp or default_exp(args.config, args.overrides)
-            if not args.no_check:
-                check(args.config, exp_overrides(exp, args.runs) + args.overrides, world, layout, args.engine)
-        check_signal_lead(args.time, args.signal_seconds)
+            configs = [(0, resolve(args.config, exp_overrides(exp, args.runs) + args.overrides))]
+        note = check_signal_lead(args.time, args.signal_seconds, signal_typed)
         if not shutil.which("sbatch") and not args.dry_run:
             raise ConfigError("sbatch not found: is this a SLURM login node? (slurm/local-cluster/start.sh "
                               "starts a local cluster)")
@@ -204,6 +259,16 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if note:
+        print(note, file=sys.stderr)
+    finished = finished_runs(configs)
+    for i, message in finished:
+        print(f"skipping {f'configuration {i}: ' if args.sweep else ''}{message}", file=sys.stderr)
+    todo = sorted(set(i for i, _ in configs) - set(i for i, _ in finished))
+    if not todo:
+        print(f"nothing to submit: {'every configuration of ' + args.sweep if args.sweep else exp} has finished",
+              file=sys.stderr)
+        return 0
 
     out_dir = Path(args.runs) / exp
     cmd = ["sbatch", "--parsable", f"--job-name={exp.replace('/', '-')}", f"--nodes={args.nodes}",
@@ -213,11 +278,12 @@ def main(argv=None) -> int:
     for opt in ("time", "partition", "account"):
         if getattr(args, opt):
             cmd.append(f"--{opt}={getattr(args, opt)}")
-    if args.signal_seconds:
-        cmd.append(f"--signal=B:USR1@{args.signal_seconds}")
+    # always on the command line, which overrides the scripts' own `#SBATCH --signal=B:USR1@300`: @0 is no warning
+    # at all (SLURM sends none with a zero lead; checked on slurm/local-cluster, SLURM 22.05)
+    cmd.append(f"--signal=B:USR1@{args.signal_seconds}")
     if args.sweep:
         throttle = f"%{args.max_parallel}" if args.max_parallel else ""
-        cmd += [f"--array=0-{len(lines) - 1}{throttle}", f"--output={out_dir}/slurm-%A_%a.out"]
+        cmd += [f"--array={array_spec(todo)}{throttle}", f"--output={out_dir}/slurm-%A_%a.out"]
     else:
         cmd.append(f"--output={out_dir}/slurm-%j.out")
     cmd += args.sbatch

@@ -122,7 +122,7 @@ def test_build_transformer_config_validates_before_megatron():
 def test_split_qkv_path_is_required(megatron_single_rank):
     from rf_megatron.model import build_model_chunks
 
-    cfg = ModelConfig(variant="svformer", num_layers=2)
+    cfg = ModelConfig(variant="svformer", num_layers=2, vocab_size=256)
     model = build_model_chunks(cfg, build_transformer_config(cfg, ParallelConfig(), cpu=True))[0]
     attention = model.decoder.layers[1].self_attention
     with pytest.raises(ValueError, match="apply_rope_fusion"):
@@ -150,3 +150,25 @@ def test_a_blend_and_plain_prefixes_still_parse():
     from rf_megatron.data import blend_prefixes
 
     assert blend_prefixes(["0.3", "a", "0.7", "b"]) == ["a", "b"] and blend_prefixes(["a", "b"]) == ["a", "b"]
+
+
+def test_independent_problems_of_a_config_are_reported_together_in_one_line():
+    from rf_megatron.run_config import load_run_config
+
+    cfg = load_run_config("tiny_cpu", ["data.tokenizer_model=missing.model", "model.num_attention_heads=3",
+                                       "optim.lr=-1", "train.eval_steps=0", "data.paths=[x]"])
+    with pytest.raises(ConfigError) as err:
+        cfg.validate(2)
+    assert str(err.value) == (
+        "4 problems in the config: model.vocab_size=null takes the tokenizer's vocabulary, but tokenizer model "
+        "missing.model: no such file; hidden_size=128 is not divisible by num_attention_heads=3; "
+        "optim.lr=-1.0 must be a finite number >= 0; train.eval_steps=0 must be positive")
+
+
+def test_every_unknown_option_and_wrong_type_is_named_at_once():
+    from rf_megatron.run_config import load_run_config
+
+    with pytest.raises(ConfigError) as err:
+        load_run_config("tiny_cpu", ["train.train_stepz=3", "model.hidden_size=big", "optim.lr=[1]"])
+    assert str(err.value) == ("3 problems in the config: model.hidden_size='big': expected int; optim.lr=[1]: "
+                              "expected float; unknown option train.train_stepz (did you mean train.train_steps?)")

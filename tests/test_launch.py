@@ -111,7 +111,7 @@ def test_the_run_ends_with_a_summary_naming_the_checkpoint_and_what_comes_next(r
     lines = proc.stdout.rstrip().splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("finished: "))
     assert lines[head].startswith(f"finished: step {step}/{step}, {step * 8 * 64:,} tokens, ")
-    assert "train loss " in lines[head] and "validation loss " in lines[head] and "tokens, a sample)" in lines[head]
+    assert "train loss " in lines[head] and "validation loss " in lines[head] and "tokens, the whole set)" in lines[head]
     summary = "\n".join(lines[head:])
     assert f"  checkpoint  runs/{NAME}/checkpoints/iter_{step:07d}" in summary
     assert f"  metrics     runs/{NAME}/metrics.jsonl" in summary

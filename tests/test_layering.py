@@ -10,7 +10,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "rf_megatron"
 LAYERS = {
-    0: ("errors", "value_residual_spec", "safe_checkpoint", "run_lock", "disk_space", "tokenizer", "indexed_data",
+    0: ("errors", "console", "value_residual_spec", "safe_checkpoint", "run_lock", "disk_space", "tokenizer", "indexed_data",
         "metrics", "run_summary", "launch", "ports", "quiet", "child_lifetime", "cpu_mode", "simulated_gpu",
         "device_peak", "lazy_jit", "scored_bytes", "state", "plot_metrics", "__init__"),
     1: ("config", "run_config", "device", "vocab", "data", "flops", "checkpoint_dir", "checkpoint_health", "signals",

@@ -122,6 +122,32 @@ def test_training_reduces_the_loss(uninterrupted):
     assert curve[STEPS] < curve[1] - 0.5
 
 
+def test_plot_metrics_draws_a_runs_train_and_validation_loss(uninterrupted, tmp_path, capsys):
+    """tools/plot_metrics.py on the run's real metrics.jsonl (in-process): what it plots is what the run logged; two
+    runs overlaid (the folder and the file), a PNG with curves in it; a missing or empty file is one error line."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import plot_metrics
+    from PIL import Image
+
+    rows = [json.loads(line) for line in open(uninterrupted / "log" / "metrics.jsonl")]
+    curves = plot_metrics.read_curves(uninterrupted / "log" / "metrics.jsonl")
+    assert curves["loss"] == [(r["step"], r["loss"]) for r in rows if "loss" in r] and len(curves["loss"]) == STEPS
+    assert curves["valid_loss"] == [(STEPS, next(r["valid_loss"] for r in rows if "valid_loss" in r))]
+    out = tmp_path / "plots" / "curves.png"
+    assert plot_metrics.main([str(uninterrupted / "log"), str(uninterrupted / "log" / "metrics.jsonl"), "--labels",
+                              "tp2", "again", "--x", "tokens", "--smooth", "0.5", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {out}: tp2 ({STEPS} train, 1 validation points), again (")
+    image = Image.open(out).convert("RGB")
+    assert image.size == (1080, 660) and len(set(image.getdata())) > 50  # axes, two coloured runs, legend text
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "none").mkdir()  # a folder without metrics.jsonl
+    for bad, said in ((tmp_path / "none", "metrics.jsonl: no such file"), (tmp_path / "empty.jsonl", "no training")):
+        assert plot_metrics.main([str(bad), "--out", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and said in err[0], err
+    assert not (tmp_path / "x.png").exists()
+
+
 def wandb_history(run_file):
     """History rows of an offline .wandb file (LevelDB-log framing of protobuf Records; wandb
     0.31 ships no Python reader for it)."""

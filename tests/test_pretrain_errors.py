@@ -66,6 +66,12 @@ def test_vocab_smaller_than_tokenizer(data, tmp_path):
     assert "model.vocab_size=256" in msg and "300" in msg
 
 
+def test_two_independent_mistakes_are_both_reported_in_one_start(data, tmp_path):
+    msg = fails(data, tmp_path, **{"model.num_attention_heads": 3, "optim.lr": -1})
+    assert msg == ("error: 2 problems in the config: hidden_size=64 is not divisible by num_attention_heads=3; "
+                   "optim.lr=-1.0 must be a finite number >= 0")
+
+
 def test_unreadable_tokenizer(data, tmp_path):
     bad = tmp_path / "bad.model"
     bad.write_text("not a model")

@@ -143,6 +143,45 @@ def test_plan_lines_tokens_and_header(tmp_path):
     assert len(meta["runs"]) == len(lines) and meta["spec"]["flops_rule"] == "exact"
 
 
+def test_planned_runs_keep_only_their_newest_checkpoint(tmp_path):
+    """The fit reads metrics.jsonl; a resume needs the newest checkpoint alone (12 tiny runs kept 143 MB)."""
+    from rf_megatron.scaling.family import ShapeRule
+    from rf_megatron.scaling.plan import PlanSpec, make_plan
+    from rf_megatron.scaling.sweep import load_line
+
+    def plan(*overrides):
+        spec = PlanSpec(preset="tiny_cpu", families=["vanilla"], depths=[2], budgets=[1e10], runs_dir=str(tmp_path),
+                        shape=ShapeRule(head_dim=16, aspect=16, ffn_multiple=16), min_steps=3,
+                        overrides=["model.vocab_size=320", "parallel.tensor_parallel=1", *overrides])
+        (run,), _, _ = make_plan(spec)
+        return load_line(run.line).checkpoint
+
+    assert plan().keep_last == 1 and plan("checkpoint.keep_last=3").keep_last == 3
+
+
+def test_a_local_sweep_shows_each_runs_step_lines_and_the_sweeps_eta(tmp_path, monkeypatch):
+    """scaling_run_local used to print nothing while a run trained: its step lines now come through, shortened and
+    prefixed with the run's name, and each finished run prints the sweep's count, elapsed time and ETA."""
+    from rf_megatron.scaling import local_runner
+
+    fake = ("import json, os, sys\n"
+            "for s in (1, 2):\n"
+            "    print(f'step      {s}/2 | loss {5 - s:.4f} | lr 1.000e-03 | grad norm 1.000 | 9 tok/s | elapsed 0s, ETA 0s')\n"
+            "d = sys.argv[1]; os.makedirs(d, exist_ok=True)\n"
+            "open(os.path.join(d, 'metrics.jsonl'), 'w').write(json.dumps({'step': 2, 'valid_loss': 3.0}) + '\\n')\n")
+    monkeypatch.setattr(local_runner, "command",
+                        lambda line, *a, **k: ([sys.executable, "-c", fake, line.split("logging.dir=")[1].split()[0]], {}))
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("".join(f"tiny_cpu name=r{i} train.train_steps=2 logging.dir={tmp_path / f'r{i}'}\n" for i in (0, 1)))
+    said = []
+    outcomes = local_runner.run_sweep(sweep, echo=said.append)
+    assert [o.status for o in outcomes] == ["finished", "finished"]
+    assert "  r0: step 2/2 | loss 3.0000 | elapsed 0s, ETA 0s" in said, said
+    assert said[-1].startswith("sweep: 2/2 runs done, elapsed ") and said[-1].endswith("ETA 0s"), said
+    assert any(line.startswith("sweep: 1/2 runs done, elapsed ") for line in said), said
+    assert (tmp_path / "r0" / "stdout.log").read_text().count("step ") == 2  # the full output is still logged
+
+
 def test_a_quoted_value_in_a_sweep_line_is_one_word_locally_as_on_slurm():
     from rf_megatron.scaling.sweep import load_line, parse_line
 
@@ -168,7 +207,7 @@ def test_plan_6n_rule_and_refusals(tmp_path):
         assert cfg.optim.lr == pytest.approx(3e-3 * 128 / cfg.model.hidden_size, rel=1e-5)
     proc, _ = _plan(tmp_path, "--set", "model.hidden_size=64")
     assert proc.returncode == 2 and "the plan sets these" in proc.stderr
-    proc, _ = _plan(tmp_path, "--set", "data.paths=[a b]", "parallel.tensor_parallel=1")
+    proc, _ = _plan(tmp_path, "--set", "data.paths=[a b]", "parallel.tensor_parallel=1", "model.vocab_size=320")
     assert proc.returncode == 2 and "whitespace" in proc.stderr
 
 
@@ -254,6 +293,74 @@ def _family_fit(law, name, n, d, flops_of_n=lambda n: 6 * n):
 
     return FamilyFit(family=name, n_col="N_total", law=law, boot=Bootstrap([], np.zeros((0, 0))), boot_laws=[],
                      flops_of_n=flops_of_n, n_range=(n.min(), n.max()), approach2={})
+
+
+def _isoflop_table(law, budgets, sizes, span=0.5, noise=0.0, family="x"):
+    import pandas as pd
+
+    N, D, L = isoflop_design(law, budgets, sizes_per_budget=sizes, span_decades=span, noise=noise, seed=1)
+    return pd.DataFrame({"family": family, "name": [f"r{i}" for i in range(len(N))], "N_total": N, "D": D,
+                         "valid_loss": L, "flops_per_token": 6 * N, "budget": np.repeat(budgets, sizes), "C": 6 * N * D,
+                         "finished": True})
+
+
+def test_a_degenerate_approach2_is_said_to_be_no_result():
+    """Two budgets of 3 sizes: a power law through the 2 minima fits exactly and no bootstrap replicate varies
+    (resampling 3 sizes rarely keeps 3 distinct), so approach 2 says it is degenerate instead of giving a result."""
+    from rf_megatron.scaling.diagnostics import law_warnings
+    from rf_megatron.scaling.isoflop import approach2
+
+    df = _isoflop_table(_law(TRUE), [1e18, 3e18], 3)
+    res = approach2(df, n_col="N_total", n_boot=20)
+    assert "N_opt" in res and res["degenerate"][0].startswith("only 2 budget minima"), res["degenerate"]
+    fam = _family_fit(_law(TRUE), "x", df["N_total"].to_numpy(), None)
+    fam.approach2 = res
+    assert any(w.startswith("x: approach 2's power laws are degenerate, not a result: only 2 budget minima")
+               for w in law_warnings("x", fam))
+    fine = approach2(_isoflop_table(_law(TRUE), [1e18, 3e18, 1e19, 3e19], 7, noise=0.002), n_col="N_total", n_boot=20)
+    assert fine["degenerate"] == [], fine["degenerate"]
+
+
+def _figure_of(monkeypatch, draw):
+    """The matplotlib figure a plots.py function draws (instead of writing it)."""
+    from rf_megatron.scaling import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out: figures.append(fig))
+    draw(plots)
+    return figures[0]
+
+
+def test_frontier_plot_marks_where_the_runs_end(monkeypatch):
+    from matplotlib.patches import Polygon, Rectangle
+
+    df = _isoflop_table(_law(TRUE), [1e18, 3e18], 5)
+    fam = _family_fit(_law(TRUE), "x", df["N_total"].to_numpy(), None)
+    fig = _figure_of(monkeypatch, lambda plots: plots.frontier(df, {"x": fam}, "unused.png"))
+    for ax in fig.axes:
+        styles = {line.get_linestyle() for line in ax.get_lines()}
+        assert {"-", "--", ":"} <= styles, styles  # data range solid, extrapolation dashed, the last budget dotted
+        shaded = [p for p in ax.patches if isinstance(p, (Polygon, Rectangle))]
+        assert len(shaded) == 2  # below the smallest and beyond the largest budget
+
+
+def test_isoflop_plot_marks_every_budgets_minimum_without_colliding_labels(monkeypatch):
+    from matplotlib.ticker import NullFormatter
+
+    from rf_megatron.scaling.isoflop import approach2
+
+    df = _isoflop_table(_law(TRUE), [1e18, 3e18], 3, span=0.1)  # a narrow range: matplotlib labelled minor ticks
+    fam = _family_fit(_law(TRUE), "x", df["N_total"].to_numpy(), None)
+    fam.approach2 = approach2(df, n_col="N_total", n_boot=0)
+    fig = _figure_of(monkeypatch, lambda plots: plots.isoflop_curves(df, {"x": fam}, "unused.png"))
+    ax = fig.axes[0]
+    markers = [c for c in ax.collections if len(c.get_offsets()) == 1]
+    assert len(markers) == 2 * 2  # per budget: the law's minimum and the parabola's
+    assert isinstance(ax.xaxis.get_minor_formatter(), NullFormatter)
+    fig.canvas.draw()
+    labels = [t for t in ax.get_xticklabels() if t.get_text() and ax.get_xlim()[0] <= t.get_position()[0] <= ax.get_xlim()[1]]
+    boxes = [t.get_window_extent() for t in labels]
+    assert labels and not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), [t.get_text() for t in labels]
 
 
 def test_frontier_matches_the_closed_form_under_6nd():
@@ -451,6 +558,30 @@ def test_power_analysis_shrinks_the_interval_with_runs_and_resolves_large_saving
     assert needed[0.3] == 36 and needed[0.05] is None
 
 
+def test_power_simulates_the_fitted_runs_own_design_first():
+    """With the fitted runs' sizes the simulated interval describes the study scaling_compare was given (a narrow
+    one: few sizes, one decade less), not only the textbook designs; the fewest-runs answer ignores that row."""
+    from rf_megatron.scaling.power import power_table, runs_needed
+
+    law = random_law(np.random.default_rng(8))
+    df = _isoflop_table(law, [1e18, 1e19], 3, span=0.15)
+    design = {"N": df["N_total"].tolist(), "D": df["D"].tolist(), "budget": df["budget"].tolist()}
+    rows = power_table(law, [0.2], 0.02, [1e18, 1e19], [3], sims=4, seed=1, design=design)
+    assert [(r["design"], r["runs_per_family"]) for r in rows] == [("your runs", 6), ("3 sizes/budget", 6)]
+    assert rows[0]["se"] > rows[1]["se"]  # sizes 1.4x apart pin the parameter term down far less than 100x apart
+    assert runs_needed([dict(rows[0], power=1.0), dict(rows[1], power=0.0)], 0.8) == {0.2: None}
+
+
+def test_noise_is_corrected_for_the_parameters_the_law_fitted_and_undefined_at_5_runs():
+    from rf_megatron.scaling.diagnostics import noise_sd, robust_sd
+
+    df = _isoflop_table(_law(TRUE), [1e18, 3e18, 1e19], 3, noise=0.02)
+    fam = _family_fit(_law(TRUE), "x", df["N_total"].to_numpy(), None)
+    r = np.log(df["valid_loss"] / _law(TRUE).predict(df["N_total"], df["D"]))
+    assert noise_sd(df, fam, "valid_loss") == pytest.approx(robust_sd(r) * np.sqrt(9 / 4))
+    assert np.isnan(noise_sd(df.iloc[:5], fam, "valid_loss"))
+
+
 def test_power_cli_refuses_a_missing_law_or_noise_in_one_line(tmp_path):
     for args, message in ((["--noise", "0.02", "--budgets", "1e18", "1e19"], "give --fit FIT.json"),
                           (["--law", "1.7", "400", "400", "0.34", "0.28", "--budgets", "1e18", "1e19"], "give --noise"),
@@ -485,8 +616,8 @@ def test_scaling_compare_uses_the_joint_fit_by_default(tmp_path):
                  "--tables", tmp_path / "tables")
     report = json.loads((tmp_path / "compare.json").read_text())
     assert report["method"] == "joint" and "at every scale" in proc.stdout, proc.stdout
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
-        "frontier.png", "isoflop.png", "residuals.png", "savings_vs_scale.png"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [  # apart from scaling_fit's fit_*.png
+        "compare_frontier.png", "compare_isoflop.png", "compare_residuals.png", "compare_savings_vs_scale.png"]
     lo, hi = report["joint"]["param_saving_ci"]
     assert lo <= 0.15 <= hi and report["joint"]["exponent_check"]["shared_exponent_violated"] is False
     assert report["estimate"]["param_saving"] == pytest.approx(report["joint"]["param_saving"], abs=1e-6)
@@ -590,6 +721,8 @@ def test_end_to_end_isoflop_sweep(data, tmp_path):
     out = _tool("scaling_run_local.py", sweep, "--nproc", 1, "--jobs", 2).stdout
     t_runs = time.time()
     assert "12 ran, 0 already finished, 0 failed" in out, out
+    assert "sweep: 12/12 runs done, elapsed " in out and ": step " in out, out  # progress while runs train
+    print(out)
     again = _tool("scaling_run_local.py", sweep, "--nproc", 1).stdout
     assert "0 ran, 12 already finished, 0 failed" in again
     t_skip = time.time()
@@ -620,12 +753,14 @@ def test_end_to_end_isoflop_sweep(data, tmp_path):
     assert set(res["estimate"]) >= {"param_saving", "data_saving", "compute_saving"}
     assert len(res["frontier"]["resformer"]["C"]) == 30
     for png in ("isoflop.png", "frontier.png", "residuals.png"):
-        assert (tmp_path / "plots" / png).stat().st_size > 10_000
+        for prefix in ("fit_", "compare_"):
+            assert (tmp_path / "plots" / f"{prefix}{png}").stat().st_size > 10_000
     power = _tool("scaling_power.py", "--fit", tmp_path / "fit.json", "--family", "vanilla", "--sizes", 3, 5,
                   "--savings", 0.2, "--sims", 3, "--out", tmp_path / "power.json").stdout
     table = json.loads((tmp_path / "power.json").read_text())
     assert table["budgets"] == [5e9, 1.5e10] and table["noise"] == pytest.approx(fit["vanilla"]["noise_log_sd"])
-    assert [r["runs_per_family"] for r in table["rows"]] == [6, 10] and "20% saving: " in power
+    assert [(r["design"], r["runs_per_family"]) for r in table["rows"]] == [
+        ("your runs", 6), ("3 sizes/budget", 6), ("5 sizes/budget", 10)] and "20% saving: " in power
     t_end = time.time()
     print(f"\ne2e timing: plan {t_plan - t0:.1f}s, 12 runs {t_runs - t_plan:.1f}s, rerun (all skipped) "
           f"{t_skip - t_runs:.1f}s, collect+fit+compare+plots {t_end - t_skip:.1f}s, total {t_end - t0:.1f}s")

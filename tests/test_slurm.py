@@ -317,14 +317,13 @@ def test_sweep_array_throttled_each_task_writes_metrics(cluster, data, tmp_path)
     assert len(set(finals)) == 3, finals  # three different models, not one config three times
     assert (tmp_path / "runs" / "variants" / "2" / "checkpoints" / "latest").exists()
 
-    # the same sweep again: every task finds its run finished and says so, nothing is trained or logged twice
+    # the same sweep again: submit.py finds every run finished and submits nothing (no node held to say so)
     proc = subprocess.run([sys.executable, str(SLURM / "submit.py"), "--gpus-per-node", "0", "--sweep", str(sweep), "--max-parallel", "2",
                            "--runs", str(tmp_path / "runs"), "--python", sys.executable],
                           env=job_env(tmp_path / "runs"), cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    for r in wait_jobs(proc.stdout.strip()):
-        assert_completed(r)
-        assert "already finished" in log_text(r) and "resumed from" not in log_text(r), log_text(r)[-3000:]
+    assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr
+    assert [line.split(":")[0] for line in proc.stderr.splitlines()] == [
+        "skipping configuration 0", "skipping configuration 1", "skipping configuration 2", "nothing to submit"], proc.stderr
     for d in dirs:
         losses, valid = metrics(d)
         assert sorted(losses) == list(range(1, 7)) and len(valid) == 1, d
@@ -378,8 +377,8 @@ def test_crash_loop_stops_at_max_restarts(cluster, data, tmp_path):
     log = log_text(rec)
     assert (rec["JobState"], rec["ExitCode"], rec["Restarts"]) == ("FAILED", "1:0", "1"), f"{rec}\n{log[-3000:]}"
     # exit 3 from the rank that crashed first, or 143 if srun --kill-on-bad-exit ended the other one first
-    assert re.search(r"training crashed \(exit (3|143)\) at step 0 \(this run started at step 0\): "
-                     r"requeueing \(restart 1 of at most 1\)", log), log
+    assert re.search(r"training crashed \(exit (3|143)\); last logged step none, latest checkpoint step 0 \(this run "
+                     r"started at step 0\): requeueing \(restart 1 of at most 1\)", log), log
     assert "already restarted 1 times (RF_MAX_RESTARTS=1): giving up" in log
 
 
@@ -404,7 +403,7 @@ def test_preflight_errors_are_one_line_and_launch_nothing(cluster, data, tmp_pat
             submit("tiny_cpu", *overrides(data), tasks=8),
         "error: --gpus-per-node 2: the nodes of partition debug have 0 GPU(s) (a CPU-only partition: --gpus-per-node 0)":
             submit("--gpus-per-node", "2", "tiny_cpu", *overrides(data)),
-        "error: --signal-seconds 300 is more than half of --time 2 (120 s)":
+        "error: --signal-seconds 300 (the default) is more than half of --time 2 (120 s)":
             submit("--time", "2", "tiny_cpu", *overrides(data)),
     }
     dry = submit("--dry-run", "tiny_cpu", *overrides(data))
@@ -425,3 +424,76 @@ def test_preflight_errors_are_one_line_and_launch_nothing(cluster, data, tmp_pat
     out, err = dry.communicate(timeout=120)
     assert dry.returncode == 0 and "sbatch --parsable" in out, err
     assert not (tmp_path / "runs").exists()  # neither the refusals nor --dry-run left directories behind
+
+
+# --- submit.py on the submit host, in-process (no cluster, nothing trained) ---------------------------------
+
+def _submit(capsys, *args):
+    """slurm/submit.py's main(): (exit code, stdout, stderr). --dry-run and --no-check: nothing is submitted."""
+    sys.path.insert(0, str(SLURM))
+    import submit
+
+    try:
+        rc = submit.main(["--gpus-per-node", "0", "--dry-run", *map(str, args)])
+    except SystemExit as exc:
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_a_mistyped_submit_option_is_one_error_line(capsys):
+    rc, out, err = _submit(capsys, "--nodez", "2", "tiny_cpu")
+    assert rc == 2 and out == "" and err == "error: unrecognized arguments: --nodez (python slurm/submit.py --help)\n"
+
+
+def test_signal_seconds_0_overrides_the_scripts_own_warning_and_says_what_the_limit_does(capsys):
+    rc, out, err = _submit(capsys, "--no-check", "--time", "1", "--signal-seconds", "0", "tiny_cpu")
+    assert rc == 0 and " --signal=B:USR1@0 " in out, out  # the command line overrides `#SBATCH --signal=B:USR1@300`
+    assert err.startswith("note: --signal-seconds 0: no warning before the --time 1 limit;") and err.count("\n") == 1
+    rc, out, err = _submit(capsys, "--no-check", "--signal-seconds", "60", "tiny_cpu")
+    assert rc == 0 and " --signal=B:USR1@60 " in out and err == ""
+
+
+def test_a_refused_default_signal_lead_says_it_is_the_default_and_how_to_change_it(capsys):
+    rc, out, err = _submit(capsys, "--no-check", "--time", "2", "tiny_cpu")
+    assert rc == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("error: --signal-seconds 300 (the default) is more than half of --time 2 (120 s)")
+    assert err.rstrip().endswith("--signal-seconds N with N <= 60 (0: no warning)"), err
+    rc, _, err = _submit(capsys, "--no-check", "--time", "2", "--signal-seconds", "90", "tiny_cpu")
+    assert rc == 2 and err.startswith("error: --signal-seconds 90 is more than half"), err
+
+
+def _finished_checkpoint(ckpt_dir, step):
+    """A checkpoint directory whose latest checkpoint (with a manifest that verifies) is at `step`."""
+    from rf_megatron.checkpoint_dir import write_manifest
+
+    path = Path(ckpt_dir) / f"iter_{step:07d}"
+    path.mkdir(parents=True)
+    (path / "train_state.json").write_text(json.dumps({"step": step}))
+    write_manifest(path)
+    (Path(ckpt_dir) / "latest").write_text(path.name)
+
+
+def test_finished_sweep_lines_are_left_out_before_sbatch(capsys, tmp_path):
+    sweep = tmp_path / "s.txt"
+    sweep.write_text("".join(f"tiny_cpu train.train_steps=6 model.hidden_size={h}\n" for h in (32, 64, 96, 128)))
+    _finished_checkpoint(tmp_path / "runs" / "s" / "1" / "checkpoints", 6)
+    _finished_checkpoint(tmp_path / "runs" / "s" / "2" / "checkpoints", 4)  # stopped early: still to train
+    rc, out, err = _submit(capsys, "--no-check", "--runs", tmp_path / "runs", "--sweep", sweep, "--max-parallel", 2)
+    assert rc == 0 and " --array=0,2-3%2 " in out, out
+    assert err.startswith("skipping configuration 1: s-1: already finished (") and err.count("\n") == 1, err
+    for i in (0, 2, 3):
+        _finished_checkpoint(tmp_path / "runs" / "s" / str(i) / "checkpoints", 7 + i)
+    rc, out, err = _submit(capsys, "--no-check", "--runs", tmp_path / "runs", "--sweep", sweep)
+    assert rc == 0 and out == "" and err.splitlines()[-1] == f"nothing to submit: every configuration of {sweep} has finished"
+    assert len(err.splitlines()) == 5, err
+
+
+def test_the_example_sweep_file_parses_into_valid_configurations():
+    """The docs' slurm/sweeps/tiny_variants.txt exists and each line is a valid run config."""
+    from rf_megatron.run_config import load_run_config
+    from rf_megatron.scaling.sweep import parse_line, run_lines
+
+    lines = run_lines(SLURM / "sweeps" / "tiny_variants.txt")
+    variants = [load_run_config(*parse_line(line)).model.variant for line in lines]
+    assert variants == ["vanilla", "resformer", "svformer"]

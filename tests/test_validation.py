@@ -59,9 +59,10 @@ def rows_with(run, key="valid_loss"):
 def trained(data, tmp_path_factory):
     """4 steps, TP1, held-out validation and test files, checkpoint at step 4."""
     run = tmp_path_factory.mktemp("trained")
-    torchrun(TRAIN, 1, "--config", "tiny_cpu", *overrides(data, run, **{
+    proc = torchrun(TRAIN, 1, "--config", "tiny_cpu", *overrides(data, run, **{
         "data.valid_paths": f"[{data / 'heldout'}]", "data.test_paths": f"[{data / 'heldout_doc'}]",
         "data.split": "100,0,0"}))
+    (run / "stdout").write_text(proc.stdout)
     return run
 
 
@@ -73,10 +74,16 @@ def heldout_samples(data, name="heldout"):
     return (tokens - 1) // SEQ
 
 
-def test_every_evaluation_scores_the_same_tokens_and_logs_how_many(trained):
+def test_every_evaluation_scores_the_same_tokens_and_logs_how_many(data, trained):
+    """Interval evaluations score eval_steps global batches; the one after the last step the whole held-out set
+    (train.final_eval_full, on in the presets), and the console says which."""
     rows = rows_with(trained)
     assert [r["step"] for r in rows] == [2, 4]
-    assert {r["valid_tokens"] for r in rows} == {2 * 4 * SEQ}  # eval_steps x global batch x seq
+    assert rows[0]["valid_tokens"] == 2 * 4 * SEQ  # eval_steps x global batch x seq
+    assert rows[1]["valid_tokens"] == heldout_samples(data) * SEQ > 2 * 4 * SEQ
+    log = (trained / "stdout").read_text()
+    assert f"| {2 * 4 * SEQ:,} tokens, a sample (train.eval_full=true scores the whole set)" in log
+    assert f"| {heldout_samples(data) * SEQ:,} tokens, the whole set" in log
 
 
 @pytest.mark.parametrize("layout", [

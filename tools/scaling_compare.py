@@ -15,7 +15,7 @@ independent: a five-parameter law per family, as scaling_fit.py.
 
 Also reported: the savings refitted without each budget in turn (leave one budget out: is the answer carried by
 one budget?), the savings at b's compute-optimal point along C with their bootstrap band (--plots:
-savings_vs_scale.png), --tables DIR: savings.csv and savings.tex (booktabs) for a paper, and the diagnostics'
+compare_savings_vs_scale.png), --tables DIR: savings.csv and savings.tex (booktabs) for a paper, and the diagnostics'
 warnings (--strict: exit 3 when there is any).
 """
 from __future__ import annotations
@@ -63,7 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--ref-d", type=float, help="reference D of family b")
     p.add_argument("--budget", type=float, help="compute budget for the frontier comparison")
     p.add_argument("--out", help="JSON report")
-    p.add_argument("--plots", help="directory for isoflop.png, frontier.png, residuals.png and savings_vs_scale.png")
+    p.add_argument("--plots", help="directory for compare_isoflop.png, compare_frontier.png, compare_residuals.png "
+                                          "(the joint laws) and compare_savings_vs_scale.png")
     p.add_argument("--method", choices=("joint", "independent"), default="joint",
                    help="joint: shared E, B, alpha, beta and A per family (default); independent: a law per family")
     p.add_argument("--tables", help="directory for savings.csv and savings.tex (the estimates with their CIs)")
@@ -124,9 +125,9 @@ def main(argv=None) -> int:
         warnings.append(f"alpha_{a.a} - alpha_{a.b}: its CI excludes 0, the joint model's shared exponent does not "
                         "hold: use --method independent")
     result["warnings"] = warnings
-    write_outputs(result, a, df, fits)
+    write_outputs(result, a, df, fits, "compare_")
     if a.plots:
-        print(f"wrote {savings_vs_scale(result['savings_vs_scale'], a.a, a.b, Path(a.plots) / 'savings_vs_scale.png')}")
+        print(f"wrote {savings_vs_scale(result['savings_vs_scale'], a.a, a.b, Path(a.plots) / 'compare_savings_vs_scale.png')}")
     return finish(warnings, a)
 
 

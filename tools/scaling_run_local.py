@@ -4,7 +4,8 @@
     python tools/scaling_run_local.py sweep.txt --nproc 1          # one process per run
     python tools/scaling_run_local.py sweep.txt --nproc 2 --only resformer
 
-Each run's console output goes to <logging.dir>/stdout.log. Exit code 1 if any run failed.
+Each run's console output goes to <logging.dir>/stdout.log; its step lines are shown prefixed with the run's
+name, and each finished run prints the sweep's count, elapsed time and ETA. Exit code 1 if any run failed.
 """
 from __future__ import annotations
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import warnings
 
 
 def quiet() -> None:
-    """No hub access, no progress bars, no library deprecation chatter (errors still surface)."""
+    """No hub access, no progress bars, and the project's one warning policy (rf_megatron/quiet.py: known library
+    noise is filtered, anything else still prints)."""
+    from ..quiet import silence_known_warnings
+
     for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
         os.environ.setdefault(key, value)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    silence_known_warnings()
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):

@@ -19,7 +19,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ..checkpoint_dir import verify_checkpoint
+from ..checkpoint_dir import read_train_state, verify_checkpoint
 from .folder import (DTYPES, RUN_CONFIG_COPY, TRAIN_STATE_COPY, fresh_tmp, model_card, publish,  # noqa: F401
                      remove_leftovers, write_config_files, write_model_files)
 from .source_checkpoint import (check_shard_files, find_tokenizer, load_megatron_model, megatron_logits,  # noqa: F401
@@ -151,7 +151,7 @@ def export(checkpoint, output, dtype: str = "fp32", max_shard_size="5GB", tokeni
     it = resolve_checkpoint(checkpoint)
     cfg = read_run_config(it)
     tok_path = find_tokenizer(cfg, tokenizer) if with_tokenizer else None
-    train_state = json.loads((it / "train_state.json").read_text())
+    train_state = read_train_state(it)
     check_shard_files(it)
     problem = verify_checkpoint(it)
     if problem:

@@ -65,7 +65,7 @@ def model_card(cfg, train_state: dict, params: int, lambdas, remote: bool, dtype
         f"- variant: {variant}",
         f"- parameters: {params:,} ({dtype})",
         f"- shape: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, "
-        f"{m.kv_heads} KV heads, FFN {m.ffn_hidden_size or 4 * m.hidden_size} (SwiGLU), RMSNorm, RoPE base "
+        f"{m.kv_heads} KV heads, FFN {m.ffn_size} (SwiGLU), RMSNorm, RoPE base "
         f"{m.rotary_base}, vocab {m.vocab_size}, {'untied' if m.untie_embeddings_and_output_weights else 'tied'} "
         f"embeddings{', q/k layernorm' if m.qk_layernorm else ''}",
     ]

@@ -46,8 +46,9 @@ def build_run_config(hf_dir: Path, output: Path, tp: int, pp: int, vpp: Optional
     if (hf_dir / RUN_CONFIG_COPY).exists():
         base = yaml.safe_load((hf_dir / RUN_CONFIG_COPY).read_text()) or {}
     model_dict = dataclasses.asdict(model)
-    if base.get("model", {}).get("seq_length"):
-        model_dict["seq_length"] = base["model"]["seq_length"]
+    for key in ("seq_length", "init"):  # the source run's, where config.json does not say
+        if base.get("model", {}).get(key):
+            model_dict[key] = base["model"][key]
     base["model"] = model_dict
     base["name"] = base.get("name") or hf_dir.name
     base["parallel"] = {**(base.get("parallel") or {}), "tensor_parallel": tp, "pipeline_parallel": pp,

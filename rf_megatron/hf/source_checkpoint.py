@@ -20,18 +20,12 @@ from .weights import ConversionError, check_exportable
 def resolve_checkpoint(path) -> Path:
     """A checkpoint root (follows `latest`) or an `iter_N` directory -> the iter directory, checked
     for completeness."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ConversionError(f"checkpoint {path}: no such directory")
-    if (path / "latest").exists():
-        name = (path / "latest").read_text().strip()
-        it = path / name
-        if not it.is_dir():
-            raise ConversionError(f"incomplete checkpoint: {path}/latest names {name}, which does not exist")
-    elif path.name.startswith("iter_"):
-        it = path
-    else:
-        raise ConversionError(f"checkpoint {path}: neither a checkpoint root (no 'latest' file) nor an iter_N directory")
+    from ..checkpoint_dir import CheckpointError, resolve_iteration
+
+    try:
+        it = resolve_iteration(path)
+    except CheckpointError as exc:
+        raise ConversionError(str(exc)) from None
     if it.name.endswith(".tmp"):
         raise ConversionError(f"incomplete checkpoint {it}: a save that never finished (.tmp)")
     for name in ("train_state.json", "run_config.yaml", "metadata.json", ".metadata"):

@@ -71,7 +71,7 @@ def hf_config_kwargs(model: ModelConfig, special: Dict[str, Optional[int]]) -> d
     kwargs = dict(
         vocab_size=model.vocab_size,
         hidden_size=model.hidden_size,
-        intermediate_size=model.ffn_hidden_size or 4 * model.hidden_size,
+        intermediate_size=model.ffn_size,
         num_hidden_layers=model.num_layers,
         num_attention_heads=model.num_attention_heads,
         num_key_value_heads=model.kv_heads,

@@ -38,13 +38,12 @@ METRICS = ("attn_entropy", "attn_entropy_norm", "first_token_mass", "first_token
 
 def resolve_iter_dir(path) -> Path:
     """A checkpoint root (with `latest`) or an `iter_NNNNNNN` directory -> the iteration directory."""
-    path = Path(path)
-    if (path / "run_config.yaml").exists():
-        return path
-    if (path / "latest").exists():
-        return path / (path / "latest").read_text().strip()
-    raise FileNotFoundError(f"{path}: neither a checkpoint iteration (run_config.yaml) nor a checkpoint "
-                            "directory with `latest`")
+    from ..checkpoint_dir import CheckpointError, resolve_iteration
+
+    try:
+        return resolve_iteration(path)
+    except CheckpointError as exc:
+        raise FileNotFoundError(str(exc)) from None  # tools/analyze_attention.py: a user error, one line
 
 
 def init_single_process(seed: int = 1234) -> None:

@@ -72,12 +72,12 @@ def finish(warnings, a) -> int:
     return 0
 
 
-def write_outputs(report, a, df, fits) -> None:
-    """--out (JSON report) and --plots (figures) of the fit and compare CLIs."""
+def write_outputs(report, a, df, fits, prefix: str) -> None:
+    """--out (JSON report) and --plots (figures, named `<prefix>isoflop.png` etc.) of the fit and compare CLIs."""
     if a.out:
         write_json(report, a.out)
     if a.plots:
         from .plots import all_plots
 
-        for path in all_plots(df, fits, a.plots, a.loss_col):
+        for path in all_plots(df, fits, a.plots, a.loss_col, prefix):
             print(f"wrote {path}")

@@ -52,7 +52,7 @@ def run_row(run_dir) -> dict:
         "name": cfg.name, "family": family_label(m), "variant": m.variant,
         "lambda_mode": m.lambda_mode if m.variant == "resformer" else None,
         "num_layers": m.num_layers, "hidden_size": m.hidden_size, "num_attention_heads": m.num_attention_heads,
-        "kv_heads": m.kv_heads, "ffn_hidden_size": m.ffn_hidden_size or 4 * m.hidden_size,
+        "kv_heads": m.kv_heads, "ffn_hidden_size": m.ffn_size,
         "seq_length": m.seq_length, "N_nonembed": acc.N_nonembed, "N_total": acc.N_total,
         "flops_per_token": acc.flops_per_token, "steps": steps, "train_steps": t.train_steps, "D": d, "C": c,
         "C_6N": 6.0 * acc.N_nonembed * d, "C_6N_total": 6.0 * acc.N_total * d,

@@ -42,6 +42,9 @@ def law_warnings(family: str, fit) -> List[str]:
         if not m["interior"]:
             out.append(f"{family}: the IsoFLOP minimum of budget {m['budget']:.3g} (N={m['N_opt']:.4g}) lies outside "
                        "its sampled sizes: approach 2 extrapolates there")
+    degenerate = (fit.approach2 or {}).get("degenerate")
+    if degenerate:
+        out.append(f"{family}: approach 2's power laws are degenerate, not a result: {'; '.join(degenerate)}")
     return out
 
 
@@ -67,11 +70,26 @@ def _family_runs(df, family: str, fit, n_col: str, loss_col: str):
     return rows, rows[loss_col].to_numpy(float), fit.law.predict(rows[n_col].to_numpy(float), rows["D"].to_numpy(float))
 
 
+LAW_PARAMETERS = 5
+
+
 def noise_sd(df, fit, loss_col: str) -> float:
-    """The robust standard deviation of a family's log residuals: its runs' noise level, what
-    tools/scaling_power.py simulates with."""
+    """The robust standard deviation of a family's log residuals, scaled by sqrt(n / (n - 5)) for the five
+    parameters the law fitted to the same runs (residuals of 6 runs under a 5-parameter fit are nearly zero
+    whatever the noise): its runs' noise level, what tools/scaling_power.py simulates with. nan for n <= 5."""
     _, loss, predicted = _family_runs(df, fit.family, fit, fit.n_col, loss_col)
-    return robust_sd(np.log(loss) - np.log(predicted))
+    n = len(loss)
+    if n <= LAW_PARAMETERS:
+        return float("nan")
+    return robust_sd(np.log(loss) - np.log(predicted)) * float(np.sqrt(n / (n - LAW_PARAMETERS)))
+
+
+def run_design(df, fit, loss_col: str) -> dict:
+    """The (N, D, budget) of a family's usable runs: tools/scaling_power.py simulates studies at these sizes, so
+    its interval describes the design scaling_compare was given, not a wider textbook one."""
+    rows, _, _ = _family_runs(df, fit.family, fit, fit.n_col, loss_col)
+    return {"N": rows[fit.n_col].astype(float).tolist(), "D": rows["D"].astype(float).tolist(),
+            "budget": rows["budget"].astype(float).tolist()}
 
 
 def outlier_warnings(df, fits, n_col: str, loss_col: str, z_max: float = OUTLIER_Z) -> List[str]:

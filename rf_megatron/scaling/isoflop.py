@@ -6,6 +6,7 @@ budget's own runs (quadratic in log N), i.e. the exact-FLOPs analogue of Chinchi
 D = C / (6 N). A minimum outside the sampled sizes is an extrapolation and flagged
 (`interior = False`); budgets with fewer than 3 distinct sizes or a parabola that opens
 downwards give no minimum. Confidence intervals: bootstrap, resampling runs within each budget.
+A fit that is no result (2 minima, a zero-width interval, an exponent <= 0) lists why under `degenerate`.
 """
 from __future__ import annotations
 
@@ -52,6 +53,31 @@ def power_law(C, Y) -> Dict[str, float]:
     return {"exponent": float(exponent), "coefficient": float(np.exp(log_k))}
 
 
+def degenerate_reasons(result: Dict[str, object]) -> List[str]:
+    """Why approach 2's power laws are not a result, if they are not: a line through 2 budget minima always fits
+    exactly, a bootstrap interval of zero width means the replicates never varied (too few distinct sizes to
+    resample), and N_opt and D_opt must both grow with C (positive exponents)."""
+    if "N_opt" not in result:
+        return []
+    reasons = []
+    minima = result.get("minima", [])
+    if len(minima) < 3:
+        reasons.append(f"only {len(minima)} budget minima (a power law through 2 points fits them exactly)")
+    outside = sum(not m["interior"] for m in minima)
+    if outside:
+        reasons.append(f"{outside} of {len(minima)} minima lie outside the sampled sizes")
+    for key in ("N", "D"):
+        exponent = result[f"{key}_opt"]["exponent"]
+        lo, hi = result.get("ci", {}).get(f"{key}_exponent", (np.nan, np.nan))
+        if not exponent > 0:
+            reasons.append(f"{key}_opt exponent {exponent:.3g} <= 0 ({key}_opt must grow with C)")
+        if result.get("n_boot") and (not (np.isfinite(lo) and np.isfinite(hi))
+                                     or hi - lo <= 1e-9 * max(1.0, abs(exponent))):
+            reasons.append(f"{key}_opt exponent interval [{lo:.4g}, {hi:.4g}] has no width (the bootstrap "
+                           "replicates never varied)")
+    return reasons
+
+
 def approach2(df, n_col: str = "N_nonembed", loss_col: str = "valid_loss", n_boot: int = 200,
               seed: int = 0, level: float = 0.95) -> Dict[str, object]:
     """Minima per budget, N_opt / D_opt power laws (when >= 2 budgets have a minimum), CIs."""
@@ -76,7 +102,9 @@ def approach2(df, n_col: str = "N_nonembed", loss_col: str = "valid_loss", n_boo
         c = [m["budget"] for m in ms]
         n, d = power_law(c, [m["N_opt"] for m in ms]), power_law(c, [m["D_opt"] for m in ms])
         rows.append([n["exponent"], n["coefficient"], d["exponent"], d["coefficient"]])
-    boot = Bootstrap(["N_exponent", "N_coefficient", "D_exponent", "D_coefficient"], np.array(rows))
+    boot = Bootstrap(["N_exponent", "N_coefficient", "D_exponent", "D_coefficient"], np.array(rows, float).reshape(-1, 4))
     result["ci"] = boot.ci(level)
     result["bootstrap_failed"] = int(np.isnan(boot.samples[:, 0]).sum())
+    result["n_boot"] = int(n_boot)
+    result["degenerate"] = degenerate_reasons(result)
     return result

@@ -5,7 +5,9 @@ The launch is the one a SLURM array task makes (`pretrain/pretrain_resformer.py 
 under torchrun for several processes, or as a plain single process (with the rendezvous
 variables torchrun would set) for `--nproc 1`, which saves torchrun's extra interpreter. A run
 that fails is reported and the next one starts; an interrupted run resumes from its checkpoint
-when launched again (the trainer resumes automatically).
+when launched again (the trainer resumes automatically). While runs train, their step lines are shown
+shortened and prefixed with the run's name (the full output goes to <logging.dir>/stdout.log), and each
+finished run prints the sweep's count, elapsed time and ETA (rf_megatron/scaling/sweep_progress.py).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import List, Optional
 
 from ..ports import free_port, parse_ports  # noqa: F401 (parse_ports: tools/scaling_run_local.py's --ports)
 from .sweep import is_finished, load_line, parse_line, run_lines
+from .sweep_progress import SweepProgress, run_cost, short_step_line
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "pretrain" / "pretrain_resformer.py"
@@ -56,7 +59,6 @@ def run_sweep(sweep_file, nproc: int = 1, launcher: str = "auto", only: Optional
     """Run the sweep's unfinished lines, `jobs` at a time (each in its own slot of `nproc` devices:
     CUDA_VISIBLE_DEVICES is set per slot when jobs > 1)."""
     import queue
-    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     outcomes, todo = [], []
@@ -74,10 +76,11 @@ def run_sweep(sweep_file, nproc: int = 1, launcher: str = "auto", only: Optional
             continue
         todo.append((i, line, cfg))
 
+    progress = SweepProgress({cfg.name: run_cost(cfg) for _, _, cfg in todo}, echo=echo)
     slots: "queue.Queue[int]" = queue.Queue()
     for slot in range(max(jobs, 1)):
         slots.put(slot)
-    lock = threading.Lock()
+    lock = progress.lock  # one lock for every line the sweep prints
 
     def run_one(i, line, cfg):
         slot = slots.get()
@@ -89,16 +92,27 @@ def run_sweep(sweep_file, nproc: int = 1, launcher: str = "auto", only: Optional
             log = Path(cfg.logging.dir) / "stdout.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             start = time.time()
+            progress.say(f"[{i + 1}/{len(lines)}] {cfg.name}: started ({cfg.train.train_steps} steps, output in {log})")
             with open(log, "a") as out:
-                proc = subprocess.run(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                      env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-                                           **(env or {}), **extra})
+                proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        errors="replace",
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                             "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                                             **(env or {}), **extra})
+                for text in proc.stdout:  # the whole output to the log, the step lines to the screen
+                    out.write(text)
+                    out.flush()
+                    short = short_step_line(cfg.name, text)
+                    if short:
+                        progress.say(f"  {short}")
+                proc.wait()
             seconds = time.time() - start
             ok = proc.returncode == 0 and is_finished(cfg.logging.dir, cfg.train.train_steps)
             with lock:
                 echo(f"[{i + 1}/{len(lines)}] {cfg.name}: "
                      f"{'finished' if ok else f'FAILED (exit {proc.returncode}, see {log})'} in {seconds:.1f}s")
                 outcomes.append(Outcome(cfg.name, "finished" if ok else "failed", seconds, str(log)))
+            progress.finished(cfg.name, ok)
         finally:
             slots.put(slot)
 

@@ -93,6 +93,7 @@ def _lr(spec: PlanSpec, base, hidden: int, budget: float):
 def make_plan(spec: PlanSpec):
     """(runs, skipped, base RunConfig). `skipped` lists (name, reason) for runs left out."""
     from ..run_config import load_run_config, parse_overrides
+    from ..vocab import require_vocab_size
 
     if spec.batch_rule not in BATCH_RULES:
         raise ConfigError(f"batch rule {spec.batch_rule!r}: choose one of {', '.join(BATCH_RULES)}")
@@ -104,6 +105,7 @@ def make_plan(spec: PlanSpec):
         raise ConfigError(f"--set {', '.join(clash)}: the plan sets these for every run")
     parse_overrides(spec.overrides)  # syntax errors now
     base = load_run_config(spec.preset, spec.overrides)
+    require_vocab_size(base)  # the FLOPs and parameter counts need it: from the tokenizer when the preset has none
     seq, micro = base.model.seq_length, base.train.micro_batch_size
     runs, skipped = [], []
     for fam_spec in spec.families:
@@ -171,6 +173,10 @@ def _overrides(spec: PlanSpec, run: PlannedRun, base, fam_over) -> Dict[str, obj
         "optim.lr_warmup_steps": run.warmup,
         "logging.dir": str(run_dir), "checkpoint.dir": str(run_dir / "ckpt") if spec.checkpoints else None,
     })
+    if spec.checkpoints:
+        # the fit reads metrics.jsonl only; a resume (and a SLURM resubmission's "finished" test) needs the newest
+        # checkpoint alone: keep one per run (the user's --set checkpoint.keep_last=K wins)
+        out.setdefault("checkpoint.keep_last", 1)
     return out
 
 
@@ -199,8 +205,9 @@ def header(spec: PlanSpec, runs: List[PlannedRun], skipped, base) -> List[str]:
         f"schedule: {base.optim.lr_decay_style} over each run's own steps; warmup = "
         f"max(1, round({spec.warmup_frac:g} * steps))",
     ]
-    lines.append("checkpoints: RUNS_DIR/<name>/ckpt (an interrupted run resumes)" if spec.checkpoints
-                 else "checkpoints: none (checkpoint.dir=null)")
+    keep = next((o.split("=", 1)[1] for o in spec.overrides if o.split("=", 1)[0].strip() == "checkpoint.keep_last"), 1)
+    lines.append(f"checkpoints: RUNS_DIR/<name>/ckpt, the newest {keep} kept (an interrupted run resumes; the fit "
+                 "reads only metrics.jsonl)" if spec.checkpoints else "checkpoints: none (checkpoint.dir=null)")
     if spec.per_budget:
         lines.append(f"sizes per budget: {spec.per_budget}, centred on D/N_total = {spec.tokens_per_param:g}")
     lines.append(f"{'name':<34} {'N_nonembed':>11} {'N_total':>11} {'F/token':>10} {'tokens':>11} {'steps':>6} {'C_real':>9}")

@@ -35,16 +35,22 @@ def with_param_saving(law_b: LawFit, saving: float, alpha: Optional[float] = Non
 
 def two_family_runs(law_b: LawFit, saving: float, noise: float, seed, alpha_a: Optional[float] = None,
                     budgets: Sequence[float] = (1e18, 3e18, 1e19, 3e19, 1e20), sizes_per_budget: int = 7,
-                    span_decades: float = 1.0):
+                    span_decades: float = 1.0, design: Optional[dict] = None):
     """A runs table (scaling_collect's columns) of family b (law_b) and family a (`saving` fewer parameters at
-    equal loss), both on b's IsoFLOP design, independent noise per family."""
+    equal loss), both on b's IsoFLOP design (or on `design`, {"N", "D", "budget"} lists: real runs' sizes),
+    independent noise per family."""
     import pandas as pd
 
     law_a = with_param_saving(law_b, saving, alpha_a)
-    N, D, _ = isoflop_design(law_b, budgets, sizes_per_budget, span_decades)
+    if design:
+        N, D = np.asarray(design["N"], float), np.asarray(design["D"], float)
+        budget = np.asarray(design["budget"], float)
+    else:
+        N, D, _ = isoflop_design(law_b, budgets, sizes_per_budget, span_decades)
+        budget = np.round(6 * N * D, -8)
     frames = []
     for i, (family, law) in enumerate((("a", law_a), ("b", law_b))):
         L = law.predict(N, D) * np.exp(np.random.default_rng([*np.atleast_1d(seed), i]).normal(0, noise, len(N)))
         frames.append(pd.DataFrame({"family": family, "N_total": N, "D": D, "valid_loss": L, "flops_per_token": 6 * N,
-                                    "budget": np.round(6 * N * D, -8), "C": 6 * N * D, "finished": True}))
+                                    "budget": budget, "C": 6 * N * D, "finished": True}))
     return pd.concat(frames, ignore_index=True)

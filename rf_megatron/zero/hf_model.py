@@ -5,6 +5,7 @@ from a model config or loaded from an HF folder, and written back as an HF folde
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Dict, List
@@ -35,10 +36,22 @@ def hf_config(model: ModelConfig):
         raise ConfigError(str(exc)) from None
 
 
+OUTPUT_PROJECTIONS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")  # Megatron's linear_proj, linear_fc2
+
+
 def build_fresh(model: ModelConfig, seed: int):
-    """A newly initialised model (HF's init: normal(0, model.init_method_std), norms 1, lambdas 0.5)."""
+    """A newly initialised model, as the Megatron trainer initialises it for `model.init`: HF's init (normal(0,
+    model.init_method_std) for every linear and the embedding, norms 1, lambdas as value_residual_spec says) is
+    `paper`; `megatron` also scales the output projections' std by 1/sqrt(2 num_layers)."""
     torch.manual_seed(seed)
-    return model_class(model)(hf_config(model)).float()
+    module = model_class(model)(hf_config(model)).float()
+    if model.init == "megatron":
+        std = model.init_method_std / math.sqrt(2.0 * model.num_layers)
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                if name.endswith(OUTPUT_PROJECTIONS):
+                    param.normal_(0.0, std)
+    return module
 
 
 def read_folder_config(folder) -> ModelConfig:

@@ -28,11 +28,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..checkpoint_dir import iter_name, read_train_state
 from ..config import ConfigError
 from ..device import init_process_group, on_gpu, select_device, to_device
 from ..hf.weights import uses_remote_code
 from ..run_config import RunConfig
-from ..training_loop import TrainingLoop
+from ..training_loop import TrainingLoop, token_weighted_mean
 from . import ds_config
 from .hf_model import build_fresh, hf_config, hf_state, load_folder, param_groups, read_folder_config, save_folder
 
@@ -156,8 +157,7 @@ class DeepSpeedTrainer(TrainingLoop):
             self.engine.backward(total / count.clamp(min=1))  # DeepSpeed divides by the accumulation steps
             self.engine.step()  # updates at the accumulation boundary only
             stats += torch.stack([total.detach().double(), count.detach().double()])
-        dist.all_reduce(stats)
-        loss = (stats[0] / stats[1]).item()
+        loss = token_weighted_mean(stats)
         self.check_finite("loss", loss, update_applied=True)  # engine.step() has run: DeepSpeed skips only in fp16
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
@@ -229,14 +229,14 @@ class DeepSpeedTrainer(TrainingLoop):
             raise error from None
         if load_path is None:
             raise ConfigError(f"{path}: DeepSpeed found no checkpoint files there")
-        state = json.loads((path / "train_state.json").read_text())
+        state = read_train_state(path)
         self.scheduler.step(increment=state["step"])
         return state
 
     def write_checkpoint(self, root: Path, train_state: Dict) -> Path:
         from ..checkpoint_dir import commit, write_manifest
 
-        tag = f"iter_{self.step:07d}"
+        tag = iter_name(self.step)
         if self.rank == 0 and (root / tag).exists():
             shutil.rmtree(root / tag)  # left by a save that never completed
         dist.barrier()
