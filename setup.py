@@ -18,9 +18,15 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["rf_megatron", "rf_megatron.*"]),
-    include_package_data=True,
-    # our launcher (rf_megatron/launch.py): torchrun's options, the failing rank's own error line and exit code
-    entry_points={"console_scripts": ["rf-pretrain = rf_megatron.launch:main"]},
+    package_data={"rf_megatron": ["presets/*.yaml", "presets/deepspeed/*.json"]},  # `--config tiny_cpu` anywhere
+    entry_points={"console_scripts": [
+        # our launcher (rf_megatron/launch.py): torchrun's options, the failing rank's own error line and exit code
+        "rf-pretrain = rf_megatron.launch:main",
+        "rf-train = rf_megatron.cli.train:run",  # one process (or one srun task): pretrain/pretrain_resformer.py
+        "rf-train-deepspeed = rf_megatron.cli.train_deepspeed:run",
+        "rf-convert-to-hf = rf_megatron.cli.convert_to_hf:run",
+        "rf-convert-from-hf = rf_megatron.cli.convert_from_hf:run",
+    ]},
     # Every upper bound is a version CI ran (constraints.txt holds the exact set; RF_CI_LATEST=1 bash .ci/run tries
     # the newest versions these ranges allow). Raise a bound only after that run is green.
     install_requires=[

@@ -1,42 +1,11 @@
-"""Pretrain a value-residual (or vanilla) GPT with Megatron-Core.
-
-    torchrun --nproc-per-node 2 pretrain/pretrain_resformer.py --config tiny_cpu [key=value ...]
-    srun ... python pretrain/pretrain_resformer.py --config resformer_468m data.paths=[...]
-
-`--config` is a preset in pretrain/configs/ or a YAML file; `section.key=value` overrides follow
-(e.g. `model.variant=svformer train.train_steps=200 parallel.tensor_parallel=2`).
-"""
-import argparse
-import os
+#!/usr/bin/env python
+"""Pretrain a value-residual (or vanilla) GPT with Megatron-Core: `rf-train` when rf-megatron is pip-installed, this script in a checkout (rf_megatron/cli/train.py)."""
 import sys
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout, uninstalled
 
-from rf_megatron import child_lifetime  # noqa: E402
-from rf_megatron.run_config import load_run_config  # noqa: E402
-from rf_megatron.entry_point import run_entry_point  # noqa: E402
-from rf_megatron.resume import stop_if_finished  # noqa: E402
-
-# At import, so that it also runs where multiprocessing's spawned helpers re-import this script (__mp_main__)
-child_lifetime.install()
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="tiny_cpu", help="preset name or YAML path")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
-
-    def build():
-        cfg = load_run_config(args.config, args.overrides)  # config errors come before the slow imports,
-        cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # every one of them in one line
-        stop_if_finished(cfg)  # a finished run (a re-run sweep, a resubmitted job) ends here, as fast
-        from rf_megatron.trainer import Trainer
-
-        return Trainer(cfg)
-
-    return run_entry_point(build)
-
+from rf_megatron.cli.train import main, run  # noqa: E402,F401  (main: tests call it)
 
 if __name__ == "__main__":
-    child_lifetime.exit_process(main())
+    run()

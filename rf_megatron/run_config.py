@@ -22,7 +22,7 @@ import yaml
 from .config import ConfigError, ModelConfig, OptimConfig, ParallelConfig
 from .console import is_rank0
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "pretrain" / "configs"
+PRESET_DIR = Path(__file__).resolve().parent / "presets"  # package data: found wherever rf_megatron is installed
 
 
 @dataclass
@@ -89,7 +89,7 @@ class DeepSpeedConfig:
     """Only pretrain/pretrain_hf_deepspeed.py reads this (the Megatron trainer ignores it; that one
     reads `parallel`, which DeepSpeed ignores: it is data parallel over every process)."""
 
-    config: str = "zero2"  # zero1 | zero2 | zero3 (pretrain/configs/deepspeed/) or a DeepSpeed JSON file
+    config: str = "zero2"  # zero1 | zero2 | zero3 (rf_megatron/presets/deepspeed/) or a DeepSpeed JSON file
     zero_stage: Optional[int] = None  # overrides zero_optimization.stage of that config
     init_from_hf: Optional[str] = None  # start from this HF folder (Llama / RFGPT) instead of a fresh init
     hf_output: Optional[str] = None  # the final HF folder (default: <logging.dir>/hf)

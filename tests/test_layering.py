@@ -18,7 +18,7 @@ LAYERS = {
     2: ("value_residual", "v1_packing", "attention", "sdpa_attention", "layer", "norm", "specs", "model", "schedule",
         "grads", "distopt_fixes", "build", "checkpointing"),
     3: ("hf.",),
-    4: ("training_loop", "resume", "trainer", "entry_point", "zero.", "scaling."),
+    4: ("training_loop", "resume", "trainer", "entry_point", "zero.", "scaling.", "cli."),
 }
 
 

@@ -1,4 +1,4 @@
-"""The DeepSpeed config of a run: a preset (pretrain/configs/deepspeed/zero{1,2,3}.json) or the
+"""The DeepSpeed config of a run: a preset (rf_megatron/presets/deepspeed/zero{1,2,3}.json) or the
 user's JSON file, with `"auto"` (or missing) values filled from the run config, as the Hugging Face
 Trainer does, and checked against the run config and the world size before anything is built.
 
@@ -16,7 +16,7 @@ from typing import Any, Dict
 
 from ..config import ConfigError
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "pretrain" / "configs" / "deepspeed"
+PRESET_DIR = Path(__file__).resolve().parents[1] / "presets" / "deepspeed"  # package data
 GIB = 1024 ** 3
 
 

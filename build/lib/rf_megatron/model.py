@@ -1,0 +1,126 @@
+"""Value-residual GPT: Megatron-Core's GPTModel plus the V_1 plumbing of one model chunk.
+
+What this class adds to `GPTModel` (everything else is Megatron's):
+- one `V1Slot` shared by the chunk's attention layers (layer 1 writes V_1, layers >= 2 read it),
+  cleared after every forward so no graph outlives its microbatch;
+- pipeline parallelism: a stage's output is `cat(hidden, V_1)` and `set_input_tensor` splits it,
+  so V_1 reaches every later stage and its gradient comes back (rf_megatron.v1_packing);
+- full activation recompute: the block's hidden states carry V_1 (packed) through Megatron's
+  checkpointed chunks; the final norm sees plain hidden states;
+- the lambda mode's model-wide parameters (learnable_plus: the softmax logits and scale).
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from .config import ModelConfig
+from .specs import block_spec
+from .v1_packing import V1Slot, is_packed, pack, packed_width, unpack
+from .value_residual import LayerLambdas, build_shared_lambdas
+
+
+class ValueResidualGPTModel(GPTModel):
+    def __init__(self, *args, rf_config: ModelConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.v1_slot = V1Slot(heads=self.config.num_query_groups // tp, head_dim=self.config.kv_channels)
+        self.v1_width = packed_width(self.config, tp)
+        # the mode's model-wide lambdas (learnable_plus: softmax logits and scale); the attribute name is the
+        # checkpoint and HF weight-map prefix
+        self.value_residual_plus = build_shared_lambdas(rf_config)
+        if self.value_residual_plus is not None:
+            self.value_residual_plus.to(self.config.params_dtype)
+            vp_stage = kwargs.get("vp_stage")
+            if parallel_state.get_pipeline_model_parallel_rank() != 0 or (vp_stage or 0) != 0:
+                for p in self.value_residual_plus.parameters():
+                    p.shared = True  # count the replicated copies once in the grad norm
+        for module in self.decoder.modules():
+            if hasattr(module, "v1_slot"):
+                module.v1_slot = self.v1_slot
+            if isinstance(module, LayerLambdas) and self.value_residual_plus is not None:
+                module.shared_of = self.value_residual_plus.values
+        self.decoder.register_forward_pre_hook(self._pack_first_block_input, with_kwargs=True)
+        if self.decoder.final_layernorm is not None:
+            self.decoder.final_layernorm.register_forward_pre_hook(self._unpack_before_final_norm)
+
+    def sharded_state_dict(self, prefix: str = "", *args, **kwargs):
+        """learnable_plus's logits live in every chunk of every stage: one main replica only."""
+        state = super().sharded_state_dict(prefix, *args, **kwargs)
+        if self.value_residual_plus is not None:
+            vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
+            copy = parallel_state.get_pipeline_model_parallel_rank() * vpp + (self.vp_stage or 0)
+            for key, sharded in state.items():
+                if key.startswith(f"{prefix}value_residual_plus."):
+                    sharded.replica_id = (copy, *sharded.replica_id[1:]) if isinstance(
+                        sharded.replica_id, tuple) else (copy, sharded.replica_id)
+        return state
+
+    def _full_recompute(self) -> bool:
+        return self.config.recompute_granularity == "full" and self.training
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, list):
+            input_tensor = input_tensor[0]
+        if input_tensor is not None and not self._full_recompute():
+            input_tensor = unpack(input_tensor, self.config.hidden_size, self.v1_slot)
+        super().set_input_tensor(input_tensor)
+
+    def forward(self, *args, **kwargs):
+        try:
+            output = super().forward(*args, **kwargs)
+            if not self.post_process and not self._full_recompute():
+                output = pack(output, self.v1_slot.value)
+            return output
+        finally:
+            self.v1_slot.clear()
+
+    def _pack_first_block_input(self, block, args, kwargs):
+        """Full recompute on the first stage: give the embeddings an (empty) V_1 lane."""
+        if self._full_recompute() and block.pre_process:
+            hidden = kwargs["hidden_states"]
+            lane = hidden.new_zeros(*hidden.shape[:-1], self.v1_width)
+            kwargs["hidden_states"] = torch.cat([hidden, lane], dim=-1)
+        return args, kwargs
+
+    def _unpack_before_final_norm(self, norm, args):
+        hidden = args[0]
+        if is_packed(hidden, self.config.hidden_size):
+            return (unpack(hidden, self.config.hidden_size, self.v1_slot),) + tuple(args[1:])
+        return None
+
+
+def build_model_chunks(model_cfg: ModelConfig, config, transformer_impl: str = "local") -> List[GPTModel]:
+    """One GPT model per virtual pipeline stage on this rank (a single one without VPP)."""
+    vpp = config.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp) if vpp else [None]:
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        kwargs = dict(
+            config=config,
+            transformer_layer_spec=block_spec(model_cfg, config, transformer_impl, vp_stage=vp_stage),
+            vocab_size=model_cfg.vocab_size,
+            max_sequence_length=model_cfg.seq_length,
+            pre_process=pre,
+            post_process=post,
+            share_embeddings_and_output_weights=not model_cfg.untie_embeddings_and_output_weights,
+            position_embedding_type="rope",
+            rotary_base=model_cfg.rotary_base,
+            vp_stage=vp_stage,
+        )
+        if model_cfg.value_residual:
+            chunks.append(ValueResidualGPTModel(rf_config=model_cfg, **kwargs))
+        else:
+            chunks.append(GPTModel(**kwargs))
+    return chunks
+
+
+def unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
