@@ -3,6 +3,7 @@ package is built and installed into a folder of its own and `rf-train --config t
 working directory, importing the installed copy, not this checkout."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,10 +14,12 @@ from conftest import REPO, build_tiny_corpus, free_port
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    target = tmp_path_factory.mktemp("site")
+    source, target = tmp_path_factory.mktemp("source") / "rf-megatron", tmp_path_factory.mktemp("site")
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv*", ".git", "runs", "data", "build",
+                                                                "*.egg-info", "__pycache__"))  # builds leave build/
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                           "--target", str(target), str(REPO)], capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path_factory.mktemp("build"))
+                           "--target", str(target), str(source)], capture_output=True, text=True, timeout=600,
+                          cwd=source.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return target
 
