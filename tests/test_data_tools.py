@@ -260,7 +260,7 @@ def test_preprocess_reports_progress_and_summary(corpus, tok_model, tmp_path, ca
     documents, tokens = verify_indexed_dataset(tmp_path / "p")
     assert out.startswith(f"done: 300 documents, {tokens:,} tokens, ") and documents == 300
     assert out.rstrip().endswith(f"tokens/s -> {tmp_path / 'p'}")
-    assert sorted(os.listdir(tmp_path)) == ["p.bin", "p.idx"]  # no temporary files left
+    assert sorted(os.listdir(tmp_path)) == ["p.bin", "p.idx", "p.tokenizer.json"]  # no temporary files left
 
 
 def test_preprocess_skips_empty_documents(tok_model, tmp_path, capsys):
