@@ -47,7 +47,7 @@ def main():
     from rf_megatron.build import build_model, build_optimizer, init_parallel
     from rf_megatron.config import ModelConfig, OptimConfig, ParallelConfig
     from rf_megatron.schedule import forward_backward
-    from rf_megatron.v1_packing import packed_width
+    from rf_megatron.v1_packing import width_of
 
     parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp, params_dtype=args.dtype)
     init_parallel(parallel)
@@ -104,7 +104,7 @@ def main():
         for name in ("resformer", "svformer"):
             print(f"{name} {statistics.median(times[name]) / base:.3f}x")
         config = runs["resformer"][2]
-        width = packed_width(config, ps.get_tensor_model_parallel_world_size())
+        width = width_of(config, ps.get_tensor_model_parallel_world_size())
         print(f"pipeline bytes per microbatch: value residual {1 + width / config.hidden_size:.3f}x vanilla "
               f"(+kv/h = {config.num_query_groups * config.kv_channels}/{config.hidden_size})")
     ps.destroy_model_parallel()

@@ -12,20 +12,22 @@ import dataclasses
 import torch
 from megatron.core.transformer.attention import SelfAttention
 
-from .v1_packing import V1Slot
+from .v1_packing import V1Carrier
 from .value_residual import build_lambdas, mix_values
 
 
 class ValueResidualSelfAttention(SelfAttention):
-    """ResFormer attention: layer 1 publishes V_1, layers n >= 2 use lambda1*V_1 + lambda2*V_n."""
+    """ResFormer attention: layer 1 publishes V_1, layers n >= 2 use lambda1*V_1 + lambda2*V_n. `v1` is the model
+    chunk's V1Carrier, handed over by the layer spec (rf_megatron/specs.py)."""
 
-    def __init__(self, config, submodules, layer_number, *args, rf_config, **kwargs):
+    MIXES = True  # layers >= 2 mix V_1 into their own values (SVFormer replaces them instead)
+
+    def __init__(self, config, submodules, layer_number, *args, rf_config, v1: V1Carrier, **kwargs):
         super().__init__(config, submodules, layer_number, *args, **kwargs)
         if config.attention_output_gate:
             raise ValueError("attention_output_gate is not supported with value residual")
-        self.v1_slot = V1Slot(heads=self.num_query_groups_per_partition,
-                              head_dim=self.hidden_size_per_attention_head)  # the model shares one
-        self.value_lambdas = build_lambdas(rf_config, layer_number) if layer_number > 1 else None
+        self.v1 = v1
+        self.value_lambdas = build_lambdas(rf_config, layer_number) if layer_number > 1 and self.MIXES else None
         if self.value_lambdas is not None:  # one dtype per model: DDP buckets and optimizers group by it
             self.value_lambdas.to(config.params_dtype)
 
@@ -43,11 +45,11 @@ class ValueResidualSelfAttention(SelfAttention):
 
     def _value(self, value):
         if self.layer_number == 1:
-            self.v1_slot.value = value
+            self.v1.value = value
             return value
         if self.value_lambdas is None:  # `sparse`: this layer is plain attention
             return value
-        return mix_values(self.v1_slot.value, value, *self.value_lambdas())
+        return mix_values(self.v1.value, value, *self.value_lambdas())
 
 
 def _without_value_rows(linear_builder, kv_size: int):
@@ -66,13 +68,14 @@ class SVFormerSelfAttention(ValueResidualSelfAttention):
     FLOPs and (with rf_megatron's HF export) the KV cache shrink.
     """
 
+    MIXES = False  # no λ: layers >= 2 take V_1 as their values
+
     def __init__(self, config, submodules, layer_number, *args, rf_config, **kwargs):
         kv_size = config.kv_channels * config.num_query_groups
         if layer_number > 1:
             submodules = dataclasses.replace(
                 submodules, linear_qkv=_without_value_rows(submodules.linear_qkv, kv_size))
         super().__init__(config, submodules, layer_number, *args, rf_config=rf_config, **kwargs)
-        self.value_lambdas = None
         if layer_number > 1:
             self.linear_qkv_out_dim -= kv_size
 
@@ -105,4 +108,4 @@ class SVFormerSelfAttention(ValueResidualSelfAttention):
             query = self.q_layernorm(query)
         if self.k_layernorm is not None:
             key = self.k_layernorm(key)
-        return query, key, self.v1_slot.value
+        return query, key, self.v1.value

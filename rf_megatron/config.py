@@ -30,8 +30,9 @@ class ModelConfig:
     num_query_groups: Optional[int] = None  # None: multi-head attention (one KV head per head)
     ffn_hidden_size: Optional[int] = None  # None: 4 * hidden_size
     # None: the tokenizer's vocabulary (data.tokenizer_model) padded up to a multiple of
-    # make_vocab_size_divisible_by x tensor_parallel, filled in when the run config is loaded (rf_megatron/vocab.py)
-    vocab_size: Optional[int] = None
+    # make_vocab_size_divisible_by x tensor_parallel, filled in when the run config is loaded (rf_megatron/vocab.py);
+    # a run config's default (run_config.RUN_DEFAULTS), while a bare ModelConfig (tests, tools) has a number
+    vocab_size: Optional[int] = 256
     make_vocab_size_divisible_by: int = 128  # Megatron-LM's --make-vocab-size-divisible-by
     seq_length: int = 32
     normalization: str = "RMSNorm"
@@ -240,11 +241,10 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, cpu: 
     if cpu or backend() == "gloo":
         # gloo: the interleaved schedule's batched p2p gives wrong results (docs/architecture.md §5)
         kwargs["batch_p2p_comm"] = False
-    if model.value_residual and parallel.virtual_pipeline_parallel:
-        # The interleaved schedule hard-codes [s, b, hidden] p2p shapes; variable_seq_lengths makes it
-        # exchange shapes first, so the V_1-widened stage output fits. Megatron requires the alltoall
-        # dispatcher with variable_seq_lengths even for dense models.
-        kwargs.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
+    if model.value_residual and parallel.virtual_pipeline_parallel:  # V_1 widens the stage-to-stage tensor
+        from .v1_packing import interleaved_schedule_options
+
+        kwargs.update(interleaved_schedule_options())
     return TransformerConfig(**kwargs)
 
 

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from .v1_packing import V1Slot, is_packed, pack, unpack
+from .v1_packing import V1Carrier
 
 
 class ValueResidualTransformerLayer(TransformerLayer):
-    v1_slot: V1Slot = None  # shared with the attention of this model chunk; attached by the model
+    """`v1`: the model chunk's V1Carrier (its attention writes / reads the same one), handed over by the spec."""
+
+    def __init__(self, *args, v1: V1Carrier, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.v1 = v1
 
     def forward(self, hidden_states, *args, **kwargs):
-        packed = is_packed(hidden_states, self.config.hidden_size)
+        packed = self.v1.rides_in_hidden(self.training)
         if packed:
-            hidden_states = unpack(hidden_states, self.config.hidden_size, self.v1_slot)
+            hidden_states = self.v1.unpack(hidden_states)
         output, context = super().forward(hidden_states, *args, **kwargs)
         if packed:
-            output = pack(output, self.v1_slot.value)
+            output = self.v1.pack(output)
         return output, context

@@ -1,8 +1,8 @@
 """Value-residual GPT: Megatron-Core's GPTModel plus the V_1 plumbing of one model chunk.
 
 What this class adds to `GPTModel` (everything else is Megatron's):
-- one `V1Slot` shared by the chunk's attention layers (layer 1 writes V_1, layers >= 2 read it),
-  cleared after every forward so no graph outlives its microbatch;
+- one `V1Carrier` (rf_megatron.v1_packing) shared by the chunk's layers, handed to them through the layer
+  spec (layer 1 writes V_1, layers >= 2 read it), cleared after every forward so no graph outlives its microbatch;
 - pipeline parallelism: a stage's output is `cat(hidden, V_1)` and `set_input_tensor` splits it,
   so V_1 reaches every later stage and its gradient comes back (rf_megatron.v1_packing);
 - full activation recompute: the block's hidden states carry V_1 (packed) through Megatron's
@@ -13,22 +13,19 @@ from __future__ import annotations
 
 from typing import List
 
-import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from .config import ModelConfig
 from .specs import block_spec
-from .v1_packing import V1Slot, is_packed, pack, packed_width, unpack
+from .v1_packing import V1Carrier
 from .value_residual import LayerLambdas, build_shared_lambdas
 
 
 class ValueResidualGPTModel(GPTModel):
-    def __init__(self, *args, rf_config: ModelConfig, **kwargs):
+    def __init__(self, *args, rf_config: ModelConfig, v1: V1Carrier, **kwargs):
         super().__init__(*args, **kwargs)
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        self.v1_slot = V1Slot(heads=self.config.num_query_groups // tp, head_dim=self.config.kv_channels)
-        self.v1_width = packed_width(self.config, tp)
+        self.v1 = v1  # the same carrier its layer spec handed to the layers
         # the mode's model-wide lambdas (learnable_plus: softmax logits and scale); the attribute name is the
         # checkpoint and HF weight-map prefix
         self.value_residual_plus = build_shared_lambdas(rf_config)
@@ -39,8 +36,6 @@ class ValueResidualGPTModel(GPTModel):
                 for p in self.value_residual_plus.parameters():
                     p.shared = True  # count the replicated copies once in the grad norm
         for module in self.decoder.modules():
-            if hasattr(module, "v1_slot"):
-                module.v1_slot = self.v1_slot
             if isinstance(module, LayerLambdas) and self.value_residual_plus is not None:
                 module.shared_of = self.value_residual_plus.values
         self.decoder.register_forward_pre_hook(self._pack_first_block_input, with_kwargs=True)
@@ -59,37 +54,31 @@ class ValueResidualGPTModel(GPTModel):
                         sharded.replica_id, tuple) else (copy, sharded.replica_id)
         return state
 
-    def _full_recompute(self) -> bool:
-        return self.config.recompute_granularity == "full" and self.training
-
     def set_input_tensor(self, input_tensor) -> None:
         if isinstance(input_tensor, list):
             input_tensor = input_tensor[0]
-        if input_tensor is not None and not self._full_recompute():
-            input_tensor = unpack(input_tensor, self.config.hidden_size, self.v1_slot)
+        if input_tensor is not None and not self.v1.rides_in_hidden(self.training):
+            input_tensor = self.v1.unpack(input_tensor)
         super().set_input_tensor(input_tensor)
 
     def forward(self, *args, **kwargs):
         try:
             output = super().forward(*args, **kwargs)
-            if not self.post_process and not self._full_recompute():
-                output = pack(output, self.v1_slot.value)
+            if not self.post_process and not self.v1.rides_in_hidden(self.training):
+                output = self.v1.pack(output)
             return output
         finally:
-            self.v1_slot.clear()
+            self.v1.clear()
 
     def _pack_first_block_input(self, block, args, kwargs):
         """Full recompute on the first stage: give the embeddings an (empty) V_1 lane."""
-        if self._full_recompute() and block.pre_process:
-            hidden = kwargs["hidden_states"]
-            lane = hidden.new_zeros(*hidden.shape[:-1], self.v1_width)
-            kwargs["hidden_states"] = torch.cat([hidden, lane], dim=-1)
+        if self.v1.rides_in_hidden(self.training) and block.pre_process:
+            kwargs["hidden_states"] = self.v1.empty_lane(kwargs["hidden_states"])
         return args, kwargs
 
     def _unpack_before_final_norm(self, norm, args):
-        hidden = args[0]
-        if is_packed(hidden, self.config.hidden_size):
-            return (unpack(hidden, self.config.hidden_size, self.v1_slot),) + tuple(args[1:])
+        if self.v1.rides_in_hidden(self.training):
+            return (self.v1.unpack(args[0]),) + tuple(args[1:])
         return None
 
 
@@ -100,9 +89,10 @@ def build_model_chunks(model_cfg: ModelConfig, config, transformer_impl: str = "
     for vp_stage in range(vpp) if vpp else [None]:
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        v1 = V1Carrier(config, parallel_state.get_tensor_model_parallel_world_size()) if model_cfg.value_residual else None
         kwargs = dict(
             config=config,
-            transformer_layer_spec=block_spec(model_cfg, config, transformer_impl, vp_stage=vp_stage),
+            transformer_layer_spec=block_spec(model_cfg, config, transformer_impl, vp_stage=vp_stage, v1=v1),
             vocab_size=model_cfg.vocab_size,
             max_sequence_length=model_cfg.seq_length,
             pre_process=pre,
@@ -113,7 +103,7 @@ def build_model_chunks(model_cfg: ModelConfig, config, transformer_impl: str = "
             vp_stage=vp_stage,
         )
         if model_cfg.value_residual:
-            chunks.append(ValueResidualGPTModel(rf_config=model_cfg, **kwargs))
+            chunks.append(ValueResidualGPTModel(rf_config=model_cfg, v1=v1, **kwargs))
         else:
             chunks.append(GPTModel(**kwargs))
     return chunks

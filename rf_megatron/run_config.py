@@ -95,10 +95,14 @@ class DeepSpeedConfig:
     hf_output: Optional[str] = None  # the final HF folder (default: <logging.dir>/hf)
 
 
+# Where a run's default differs from the bare dataclass's: a run takes the tokenizer's vocabulary (rf_megatron/vocab.py)
+RUN_DEFAULTS = {"model.": {"vocab_size": None}}
+
+
 @dataclass
 class RunConfig:
     name: str = "default"
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(**RUN_DEFAULTS["model."]))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -261,6 +265,8 @@ def _build(cls, data: Dict[str, Any], prefix: str, problems: Optional[List[str]]
             problems.append(str(exc))
     if top:
         raise_all(problems)
+    for key, value in RUN_DEFAULTS.get(prefix, {}).items():
+        kwargs.setdefault(key, value)
     return cls(**kwargs)
 
 

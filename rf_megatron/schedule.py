@@ -11,7 +11,6 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from .model import ValueResidualGPTModel, unwrap
-from .v1_packing import packed_width
 
 
 def forward_backward(*, model_chunks, forward_step_func, data_iterator, num_microbatches, seq_length,
@@ -22,15 +21,9 @@ def forward_backward(*, model_chunks, forward_step_func, data_iterator, num_micr
     kwargs = {}
     config = unwrap(model_chunks[0]).config
     pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
-    if pipelined and not config.virtual_pipeline_model_parallel_size and isinstance(
-            unwrap(model_chunks[0]), ValueResidualGPTModel):
-        extra = packed_width(config, parallel_state.get_tensor_model_parallel_world_size())
-
-        def widen(recv_shapes, send_shapes):
-            grow = lambda shapes: [tuple(s[:-1]) + (s[-1] + extra,) if len(s) else s for s in shapes]
-            return grow(recv_shapes), grow(send_shapes)
-
-        kwargs["adjust_tensor_shapes_fn"] = widen
+    first = unwrap(model_chunks[0])
+    if pipelined and not config.virtual_pipeline_model_parallel_size and isinstance(first, ValueResidualGPTModel):
+        kwargs["adjust_tensor_shapes_fn"] = first.v1.widen_p2p()  # interleaved: config's variable_seq_lengths
     return func(
         forward_step_func=forward_step_func,
         data_iterator=data_iterator,

@@ -66,22 +66,24 @@ def _base_layer_spec(model: ModelConfig, transformer_impl: str) -> ModuleSpec:
     return dataclasses.replace(spec, submodules=sub)
 
 
-def layer_spec(model: ModelConfig, transformer_impl: str = "local") -> ModuleSpec:
+def layer_spec(model: ModelConfig, transformer_impl: str = "local", v1=None) -> ModuleSpec:
     """The transformer-layer spec of a model: Megatron's, with the chosen core attention and value-residual
-    attention swapped in."""
+    attention swapped in. `v1`: the model chunk's V1Carrier, which its layers and attentions share."""
     spec = _with_core_attention(_base_layer_spec(model, transformer_impl), attention_backend(model, transformer_impl))
     if not model.value_residual:
         return spec
+    if v1 is None:
+        raise ValueError("a value-residual layer spec needs the model chunk's V1Carrier (rf_megatron.v1_packing)")
     attn = spec.submodules.self_attention
     attn = dataclasses.replace(attn, module=ATTENTION_CLASSES[model.variant],
-                               params={**attn.params, "rf_config": model})
-    return dataclasses.replace(spec, module=ValueResidualTransformerLayer,
+                               params={**attn.params, "rf_config": model, "v1": v1})
+    return dataclasses.replace(spec, module=ValueResidualTransformerLayer, params={**spec.params, "v1": v1},
                                submodules=dataclasses.replace(spec.submodules, self_attention=attn))
 
 
-def block_spec(model: ModelConfig, config, transformer_impl: str = "local", vp_stage=None):
+def block_spec(model: ModelConfig, config, transformer_impl: str = "local", vp_stage=None, v1=None):
     """A block spec, so the block's final norm is the SP-capable one too (local spec)."""
-    spec = layer_spec(model, transformer_impl)
+    spec = layer_spec(model, transformer_impl, v1)
     if transformer_impl == "transformer_engine":
         return spec
     layers = get_num_layers_to_build(config, vp_stage=vp_stage)
