@@ -7,8 +7,15 @@ import os
 import sys
 from typing import Callable
 
+from . import child_lifetime
+from .child_lifetime import exit_now
 from .console import is_rank0
+from .errors import ConfigError
+from .launch import report_exit
+from .quiet import silence_known_warnings
 from .resume import AlreadyFinished
+from .signals import INTERRUPTED
+from .single_process import default_to_one_process
 from .training_loop import TrainingLoop, TrainingStopped
 
 
@@ -16,20 +23,12 @@ def run_entry_point(build: Callable[[], "TrainingLoop"]) -> int:
     """What both pretrain/ scripts do: build the trainer (a ConfigError -> one `error:` line, exit 2),
     train, shut down; say how to resume when the run stopped early. The exit code also goes to our launcher
     (rf_megatron/launch.py), which a stop signal would otherwise leave guessing."""
-    from .launch import report_exit
-
     code = _run(build)
     report_exit(code)
     return code
 
 
 def _run(build: Callable[[], "TrainingLoop"]) -> int:
-    from . import child_lifetime
-    from .child_lifetime import exit_now
-    from .config import ConfigError
-    from .quiet import silence_known_warnings
-    from .single_process import default_to_one_process
-
     silence_known_warnings()
     child_lifetime.install()  # helper processes (checkpoint writers) never outlive the trainer
     try:
@@ -75,9 +74,6 @@ def _run(build: Callable[[], "TrainingLoop"]) -> int:
 
 def _interrupted_before_training() -> None:
     """Ctrl-C before the step loop took SIGINT over (rf_megatron/signals.py): one line, no traceback."""
-    from .child_lifetime import exit_now
-    from .signals import INTERRUPTED
-
     if is_rank0():
         print("interrupted before the first step: nothing to save", file=sys.stderr, flush=True)
     exit_now(INTERRUPTED)

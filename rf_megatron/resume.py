@@ -3,10 +3,20 @@ resume is the newest one that verifies (damaged ones moved aside, a rewind past 
 same model and lineage; the rewind's data skip and the schedule options changed since the checkpoint are said."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
+import torch.distributed as dist
+import yaml
+
+from . import run_lock
+from .checkpoint_dir import (MANIFEST, CheckpointError, check_model_unchanged, is_rank0, latest_checkpoint,
+                             new_run_id, newest_verified, prepare_fresh_run, read_train_state, verify_checkpoint)
+from .checkpoint_health import HealthMonitor, batches_to_skip, read_health, rewind
 from .console import say
+from .disk_space import write_problem
+from .errors import ConfigError
 
 SCHEDULE_OPTIONS = (("optim", "lr"), ("optim", "min_lr"), ("optim", "lr_warmup_steps"), ("optim", "lr_decay_style"),
                     ("optim", "lr_wsd_decay_steps"), ("optim", "weight_decay"), ("train", "train_steps"))
@@ -19,8 +29,6 @@ class AlreadyFinished(Exception):
 def stop_if_finished(cfg) -> None:
     """Before anything slow: a run whose latest checkpoint reached train.train_steps ends at once (exit 0) instead
     of loading the model to train nothing and log its final evaluation a second time."""
-    from .checkpoint_dir import MANIFEST, CheckpointError, latest_checkpoint, read_train_state, verify_checkpoint
-
     ckpt = cfg.checkpoint
     if not ckpt.dir or not ckpt.resume or ckpt.start_over or cfg.train.eval_only:
         return
@@ -45,13 +53,6 @@ class ResumeChecks:
         being lost or misread (rf_megatron/checkpoint_dir.py). Sets `run_id`, the lineage id this run's
         checkpoints carry (kept across resumes; pruning only ever removes older checkpoints of the same id),
         `skip_batches` (global batches a rewind past a divergence skips) and `health` (checkpoint_health.py)."""
-        import dataclasses
-
-        from .checkpoint_dir import (CheckpointError, check_model_unchanged, is_rank0, latest_checkpoint, new_run_id,
-                                     newest_verified, prepare_fresh_run, read_train_state)
-        from .checkpoint_health import HealthMonitor, batches_to_skip, read_health, rewind
-        from .config import ConfigError
-
         ckpt = self.cfg.checkpoint
         self.run_id, self.skip_batches = new_run_id(), 0
         self.health = HealthMonitor(ckpt.dir, self.cfg.train.loss_spike_factor, writer=is_rank0())
@@ -95,8 +96,6 @@ class ResumeChecks:
 
     def note_schedule_changes(self, checkpoint) -> None:
         """Say which schedule options differ from the checkpoint's run config (the current ones apply)."""
-        import yaml
-
         saved = yaml.safe_load((Path(checkpoint) / "run_config.yaml").read_text()) or {}
         changes = []
         for section, key in SCHEDULE_OPTIONS:
@@ -110,12 +109,6 @@ class ResumeChecks:
 def hold_checkpoint_dir(root) -> None:
     """Rank 0 takes the directory's run lock (rf_megatron/run_lock.py); every rank raises the same one-line
     ConfigError when another live run holds it."""
-    import torch.distributed as dist
-
-    from . import run_lock
-    from .checkpoint_dir import is_rank0
-    from .config import ConfigError
-
     problem = None
     if is_rank0():
         try:
@@ -123,8 +116,6 @@ def hold_checkpoint_dir(root) -> None:
         except run_lock.DirectoryInUse as exc:
             problem = str(exc)
         except OSError as exc:  # a read-only or full checkpoint.dir
-            from .disk_space import write_problem
-
             problem = write_problem(exc, root) or f"cannot write checkpoint.dir={root}: {exc.strerror or exc}"
     if dist.is_initialized() and dist.get_world_size() > 1:
         shared = [problem]

@@ -4,7 +4,6 @@ pipeline schedules, dist_checkpointing, GPTDataset) wired into one lean trainer.
 from __future__ import annotations
 
 import math
-import os
 from typing import Dict, List
 
 import torch
@@ -61,10 +60,9 @@ class Trainer(TrainingLoop):
     ENGINE = "megatron"
 
     def __init__(self, cfg: RunConfig):
+        """`cfg` as the entry point validated it (rf_megatron/cli/train.py: once, before Megatron is imported)."""
         super().__init__(cfg)
-        self.device = select_device()  # before the config checks: a GPU job without GPUs stops here
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        cfg.validate(world)  # before any process group exists
+        self.device = select_device()  # a GPU job without GPUs stops here, before any process group exists
         self.tokenizer = load_tokenizer(cfg)
         init_parallel(cfg.parallel, seed=cfg.train.seed)
         distopt_fixes.apply_if_needed()

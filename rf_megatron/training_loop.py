@@ -9,14 +9,25 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
+import torch
 import torch.distributed as dist
+import yaml
 
-from .checkpoint_dir import iter_name
-from .resume import ResumeChecks, stop_if_finished
+from . import run_lock
+from .checkpoint_dir import iter_name, latest_checkpoint
+from .data import MicrobatchStream, held_out_is_weighted
+from .device_peak import peak_tflops
+from .disk_space import check_room, write_problem
+from .flops import parameter_counts, training_flops_per_token
+from .metrics import MetricsLogger
+from .resume import ResumeChecks
+from .run_config import save_yaml, to_dict
+from .run_summary import count, eval_scope, progress, summary
 from .signals import ExitSignals
 
 
@@ -46,8 +57,7 @@ class TrainingLoop(ResumeChecks):
     ENGINE = ""  # train_state.json's "engine" of this trainer's checkpoints
     COLLECTIVE_SAVE = True  # every rank sees a failed save (DCP gathers the write results); False: rank-local
 
-    def __init__(self, cfg) -> None:
-        stop_if_finished(cfg)
+    def __init__(self, cfg) -> None:  # the entry point has said whether the run is finished (stop_if_finished)
         self.cfg = cfg
         self.started = time.time()  # the summary's wall time: start-up included
         self.last_checkpoint: Optional[str] = None  # the newest checkpoint saved or resumed: the summary names it
@@ -101,10 +111,6 @@ class TrainingLoop(ResumeChecks):
     def resume(self, path: Optional[Path], log_writer: bool) -> None:
         """Continue from the checkpoint at `path` (None: a fresh run): the step, the data position (after a
         rewind's skip), the training stream, the run's config.yaml and metrics."""
-        from .data import MicrobatchStream
-        from .flops import training_flops_per_token
-        from .metrics import MetricsLogger
-        from .run_config import save_yaml, to_dict
 
         t = self.cfg.train
         if dist.get_rank() == 0:
@@ -131,7 +137,6 @@ class TrainingLoop(ResumeChecks):
 
     def run_label(self) -> str:
         """`name: variant (lambda mode), N params`: how the console introduces the run."""
-        from .flops import parameter_counts
 
         m = self.cfg.model
         return (f"{self.cfg.name}: {m.variant} ({m.lambda_mode if m.variant == 'resformer' else '-'}), "
@@ -140,10 +145,6 @@ class TrainingLoop(ResumeChecks):
     def evaluate(self, dataset, final: bool = False) -> Tuple[float, int]:
         """(token-weighted mean loss, tokens scored) over the window `eval_window(dataset, final)` of a held-out
         set, the same on every rank."""
-        import torch
-
-        from .data import MicrobatchStream
-
         t = self.cfg.train
         batches, samples = self.eval_window(dataset, final)
         stream = MicrobatchStream(dataset, t.global_batch_size, t.micro_batch_size, limit=samples,
@@ -184,8 +185,6 @@ class TrainingLoop(ResumeChecks):
 
     def _check_room(self, root: Path) -> None:
         """Refuse a save that cannot fit (the last checkpoint's size is known) before writing anything."""
-        from .checkpoint_dir import latest_checkpoint
-        from .disk_space import check_room
 
         problem = None
         if dist.get_rank() == 0:
@@ -200,10 +199,6 @@ class TrainingLoop(ResumeChecks):
 
     def _disk_problem(self, exc: BaseException, root: Path) -> None:
         """A save that failed on a full or read-only disk: remove what it wrote, raise one line (else return)."""
-        import shutil
-
-        from .checkpoint_dir import latest_checkpoint
-        from .disk_space import write_problem
 
         problem = write_problem(exc, root)
         if problem is None:
@@ -226,7 +221,6 @@ class TrainingLoop(ResumeChecks):
 
     @staticmethod
     def _kept(root: Path) -> str:
-        from .checkpoint_dir import latest_checkpoint
 
         try:
             kept = latest_checkpoint(root)
@@ -238,7 +232,6 @@ class TrainingLoop(ResumeChecks):
 
     def closing_summary(self, result: Dict) -> str:
         """The lines a run ends with (rf_megatron/run_summary.py), from what this process saw."""
-        from .run_summary import summary
 
         outcome = {"step": self.step, "tokens": self.stream.consumed_samples * self.cfg.model.seq_length,
                    "train_loss": self.last_train_loss, "checkpoint": self.last_checkpoint,
@@ -249,9 +242,6 @@ class TrainingLoop(ResumeChecks):
 
     @property
     def run_config_yaml(self) -> str:
-        import yaml
-
-        from .run_config import to_dict
 
         return yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
 
@@ -259,7 +249,6 @@ class TrainingLoop(ResumeChecks):
         return self.optimizer.param_groups[0]["lr"]
 
     def close(self) -> None:
-        from . import run_lock
 
         run_lock.release()
         if dist.is_initialized():
@@ -354,10 +343,8 @@ class TrainingLoop(ResumeChecks):
         tflops = tokens_per_s * self.flops_per_token / dist.get_world_size() / 1e12
         lr = self.current_lr()
         if not hasattr(self, "_peak_tflops"):
-            from .device_peak import peak_tflops
 
             self._peak_tflops = peak_tflops(self.cfg.logging.peak_tflops, fp8=bool(self.cfg.parallel.fp8))
-        from .run_summary import count, progress
 
         mfu = tflops / self._peak_tflops if self._peak_tflops else None
         tokens = self.stream.consumed_samples * self.cfg.model.seq_length
@@ -386,8 +373,6 @@ class TrainingLoop(ResumeChecks):
         dataset = getattr(self, f"{name}_ds", None)
         if dataset is None:  # data.split without that part, and no data.<name>_paths
             return float("nan")
-        from .data import held_out_is_weighted
-        from .run_summary import eval_scope
 
         index = {"valid": 1, "test": 2}[name]
         weighted = held_out_is_weighted(self.cfg.data, index)  # sized by eval_steps: no whole set to score
@@ -410,8 +395,6 @@ class TrainingLoop(ResumeChecks):
 
 def _peak_memory() -> Dict[str, float]:
     """Peak GPU memory of this process so far (GiB), on GPU only."""
-    import torch
-
     if not torch.cuda.is_available():
         return {}
     return {"peak_mem_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
