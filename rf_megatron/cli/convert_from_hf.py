@@ -26,6 +26,7 @@ import argparse
 import sys
 
 from ..hf.cli import HelpWithDefaults, quiet
+from . import run_converter
 
 
 def parse_args(argv):
@@ -52,22 +53,10 @@ def main(argv=None) -> int:
 
     if args.ports:
         print("note: --ports is no longer needed (the import runs in one process); ignored", file=sys.stderr)
-    try:
-        import_hf(args.hf, args.output, tp=args.tp, pp=args.pp, vpp=args.vpp,
-                  overrides=overrides_from_argv(args.overrides), force=args.force,
-                  verify=args.verify == "weights")
-    except (ConversionError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except BaseException as exc:  # a full or read-only output disk: one line (torch DCP's errors are BaseExceptions)
-        from ..disk_space import conversion_problem
-
-        problem = conversion_problem(exc, args.output)
-        if problem is None:
-            raise
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
-    return 0
+    return run_converter(lambda: import_hf(args.hf, args.output, tp=args.tp, pp=args.pp, vpp=args.vpp,
+                                           overrides=overrides_from_argv(args.overrides), force=args.force,
+                                           verify=args.verify == "weights"),
+                         args.output, (ConversionError, ValueError))
 
 
 def run() -> None:

@@ -20,6 +20,7 @@ import argparse
 import sys
 
 from ..hf.cli import HelpWithDefaults, quiet
+from . import run_converter
 
 
 def parse_args(argv):
@@ -46,23 +47,13 @@ def main(argv=None) -> int:
     from ..hf.weights import ConversionError
     from ..hf.tokenizer import TokenizerExportError
 
-    try:
+    def convert():
         from ..hf.export import export
 
         export(args.checkpoint, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
                tokenizer=args.tokenizer, verify=args.verify, force=args.force, with_tokenizer=args.with_tokenizer)
-    except (ConversionError, TokenizerExportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except BaseException as exc:  # a full or read-only output disk: one line (torch DCP's errors are BaseExceptions)
-        from ..disk_space import conversion_problem
 
-        problem = conversion_problem(exc, args.output)
-        if problem is None:
-            raise
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
-    return 0
+    return run_converter(convert, args.output, (ConversionError, TokenizerExportError))
 
 
 def run() -> None:

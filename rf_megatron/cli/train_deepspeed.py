@@ -16,7 +16,6 @@ run resumes from checkpoint.dir automatically and ends by writing an HF folder
 (deepspeed.hf_output, default <logging.dir>/hf). Exit 2 with one `error:` line on bad input.
 """
 import argparse
-import os
 
 from .. import child_lifetime
 from ..entry_point import run_entry_point
