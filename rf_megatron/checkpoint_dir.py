@@ -63,8 +63,8 @@ def resolve_iteration(path) -> Path:
         if not (path / name).is_dir():
             raise CheckpointError(f"incomplete checkpoint: {path}/{LATEST} names {name}, which does not exist")
         return path / name
-    if path.name.startswith("iter_"):
-        return path
+    if path.name.startswith("iter_") or (path / "train_state.json").exists() or (path / "run_config.yaml").exists():
+        return path  # an iteration directory (by name, or by what it holds)
     raise CheckpointError(f"checkpoint {path}: neither a checkpoint root (no '{LATEST}' file) nor an iter_N directory")
 
 

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Callable
 
-from . import child_lifetime
+from . import child_lifetime, run_lock
 from .child_lifetime import exit_now
 from .console import is_rank0
 from .errors import ConfigError
@@ -43,6 +43,7 @@ def _run(build: Callable[[], "TrainingLoop"]) -> int:
         # one rank only (the one reading it), while the others wait in a collective: that rank says it.
         if is_rank0() or getattr(exc, "every_rank", False):
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        run_lock.release()  # a caller in this process (a test, a notebook) may start another run here
         return 2
     except KeyboardInterrupt:
         _interrupted_before_training()

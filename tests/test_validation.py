@@ -105,9 +105,10 @@ def test_a_checkpoints_validation_loss_is_the_same_in_any_layout_and_seed(data, 
     assert row["valid_loss"] == pytest.approx(want["valid_loss"], rel=0, abs=2e-6)
 
 
-def test_the_test_set_is_scored_once_after_the_last_step(trained):
+def test_the_test_set_is_scored_once_after_the_last_step(data, trained):
     (row,) = rows_with(trained, "test_loss")
-    assert row["step"] == 4 and row["test_tokens"] == 2 * 4 * SEQ  # the eval_steps window, as validation
+    # whole, as the final validation (train.final_eval_full, on in the presets)
+    assert row["step"] == 4 and row["test_tokens"] == heldout_samples(data, "heldout_doc") * SEQ
     assert row["test_ppl"] == pytest.approx(math.exp(row["test_loss"]))
 
 
