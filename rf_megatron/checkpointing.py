@@ -166,3 +166,24 @@ def load_checkpoint(path, model: List, optimizer, scheduler) -> Dict[str, Any]:
     if same_layout:
         _set_rng_state(loaded["rng_state"])
     return train_state
+
+
+def load_single_model(iter_dir, model_cfg, cpu: bool = True, strict=None):
+    """The TP1 x PP1 fp32 model of one checkpoint iteration, in eval mode, in a process whose model-parallel state is
+    TP1 x PP1: what the converters, their logits check and the attention analysis read a checkpoint through (every
+    pickle in it restricted, rf_megatron/safe_checkpoint.py; dist_checkpointing casts a bf16 checkpoint on load).
+    `cpu=False`: built on this process's device. `strict`: Megatron's StrictHandling (default: its own)."""
+    from .config import ParallelConfig, build_transformer_config
+    from .device import current_device
+    from .model import build_model_chunks
+    from .safe_checkpoint import check, install
+
+    model = build_model_chunks(model_cfg, build_transformer_config(model_cfg, ParallelConfig(), cpu=cpu))[0]
+    if not cpu:
+        model = model.to(current_device())
+    install()  # opening a checkpoint never runs code
+    check(iter_dir)
+    loaded = dist_checkpointing.load({"model0": model.sharded_state_dict()}, str(iter_dir),
+                                     **({} if strict is None else {"strict": strict}))
+    model.load_state_dict(loaded["model0"])
+    return model.eval()

@@ -123,24 +123,13 @@ def megatron_single_process():
 
 def load_megatron_model(it: Path, cfg):
     """The TP1 x PP1 model with the checkpoint's weights (call inside megatron_single_process)."""
-    from megatron.core import dist_checkpointing
+    from ..checkpointing import load_single_model
 
-    from ..config import ParallelConfig, build_transformer_config
-    from ..model import build_model_chunks
-
-    parallel = ParallelConfig()  # fp32; dist_checkpointing casts bf16 checkpoints on load
-    model = build_model_chunks(cfg.model, build_transformer_config(cfg.model, parallel, cpu=True))[0]
-    from ..safe_checkpoint import install
-
-    install()
     try:
-        loaded = dist_checkpointing.load({"model0": model.sharded_state_dict()}, str(it))
+        return load_single_model(it, cfg.model)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConversionError(f"cannot load the model from {it}: {first[:300]}") from None
-    model.load_state_dict(loaded["model0"])
-    model.eval()
-    return model
 
 
 def megatron_state(model) -> Dict[str, torch.Tensor]:  # the in-memory mapping, for tests

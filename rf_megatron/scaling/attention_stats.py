@@ -70,11 +70,11 @@ def init_single_process(seed: int = 1234) -> None:
 
 def load_model(checkpoint):
     """(GPTModel in eval mode, fp32, TP1 PP1; RunConfig) from a Megatron checkpoint."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from ..config import ParallelConfig, build_transformer_config
-    from ..model import build_model_chunks
+    from ..checkpointing import load_single_model
+    from ..config import ParallelConfig
+    from ..device import on_gpu
     from ..run_config import load_run_config
 
     iter_dir = resolve_iter_dir(checkpoint)
@@ -84,19 +84,7 @@ def load_model(checkpoint):
                                   "their norms differently from the local (CPU) spec; only local checkpoints load here")
     cfg.parallel = ParallelConfig()  # TP1 PP1, fp32, no SP / recompute
     init_single_process(cfg.train.seed)
-    from ..device import current_device, on_gpu
-
-    config = build_transformer_config(cfg.model, cfg.parallel, cpu=not on_gpu())
-    model = build_model_chunks(cfg.model, config)[0].to(current_device())
-    from ..safe_checkpoint import check, install
-
-    install()  # opening a checkpoint never runs code
-    check(iter_dir)
-    loaded = dist_checkpointing.load({"model0": model.sharded_state_dict()}, str(iter_dir),
-                                     strict=StrictHandling.RAISE_UNEXPECTED)
-    model.load_state_dict(loaded["model0"])
-    model.eval()
-    return model, cfg
+    return load_single_model(iter_dir, cfg.model, cpu=not on_gpu(), strict=StrictHandling.RAISE_UNEXPECTED), cfg
 
 
 def text_batch(tokenizer, text: str, seq_length: int, max_windows: int) -> torch.Tensor:
