@@ -13,6 +13,16 @@ def is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def from_rank0(value):
+    """Rank 0's `value` on every rank (as it is without a process group): what rank 0 alone looked up on disk."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 def say(msg: str) -> None:
     """Print on rank 0; `warning:` / `error:` lines go to stderr."""
     if is_rank0():

@@ -7,14 +7,13 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-import torch.distributed as dist
 import yaml
 
 from . import run_lock
-from .checkpoint_dir import (MANIFEST, CheckpointError, check_model_unchanged, is_rank0, latest_checkpoint,
+from .checkpoint_dir import (HEALTH, MANIFEST, CheckpointError, check_model_unchanged, is_rank0, latest_checkpoint,
                              new_run_id, newest_verified, prepare_fresh_run, read_train_state, verify_checkpoint)
 from .checkpoint_health import HealthMonitor, batches_to_skip, read_health, rewind
-from .console import say
+from .console import from_rank0, say
 from .disk_space import write_problem
 from .errors import ConfigError
 
@@ -71,7 +70,7 @@ class ResumeChecks:
         if ckpt.rewind_to_healthy:
             path = rewind(ckpt.dir, path, say=say, rank0=is_rank0())
         elif read_health(ckpt.dir).get(path.name, {}).get("healthy") is False:
-            say(f"warning: {path} is marked unhealthy ({Path(ckpt.dir) / 'health.json'}: the steps after it "
+            say(f"warning: {path} is marked unhealthy ({Path(ckpt.dir) / HEALTH}: the steps after it "
                  "diverged); resuming it anyway: checkpoint.rewind_to_healthy=true resumes the newest healthy one "
                  "and skips the data of the diverging steps")
         path = newest_verified(ckpt.dir, path, say=say)
@@ -117,10 +116,7 @@ def hold_checkpoint_dir(root) -> None:
             problem = str(exc)
         except OSError as exc:  # a read-only or full checkpoint.dir
             problem = write_problem(exc, root) or f"cannot write checkpoint.dir={root}: {exc.strerror or exc}"
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        shared = [problem]
-        dist.broadcast_object_list(shared, src=0)
-        problem = shared[0]
+    problem = from_rank0(problem)
     if problem:
         raise ConfigError(problem)
 

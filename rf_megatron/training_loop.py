@@ -20,6 +20,7 @@ import yaml
 
 from . import run_lock
 from .checkpoint_dir import iter_name, latest_checkpoint
+from .console import from_rank0
 from .data import MicrobatchStream, held_out_is_weighted
 from .device_peak import peak_tflops
 from .disk_space import check_room, write_problem
@@ -111,7 +112,6 @@ class TrainingLoop(ResumeChecks):
     def resume(self, path: Optional[Path], log_writer: bool) -> None:
         """Continue from the checkpoint at `path` (None: a fresh run): the step, the data position (after a
         rewind's skip), the training stream, the run's config.yaml and metrics."""
-
         t = self.cfg.train
         if dist.get_rank() == 0:
             save_yaml(self.cfg, os.path.join(self.cfg.logging.dir, "config.yaml"))
@@ -137,7 +137,6 @@ class TrainingLoop(ResumeChecks):
 
     def run_label(self) -> str:
         """`name: variant (lambda mode), N params`: how the console introduces the run."""
-
         m = self.cfg.model
         return (f"{self.cfg.name}: {m.variant} ({m.lambda_mode if m.variant == 'resformer' else '-'}), "
                 f"{parameter_counts(m).total / 1e6:.2f}M params")
@@ -184,30 +183,27 @@ class TrainingLoop(ResumeChecks):
         self._print(f"saved checkpoint {path}")
 
     def _check_room(self, root: Path) -> None:
-        """Refuse a save that cannot fit (the last checkpoint's size is known) before writing anything."""
-
-        problem = None
+        """Refuse a save that cannot fit (the last checkpoint's size is known) before writing anything. Rank 0
+        looks and says; every rank stops."""
+        message = None
         if dist.get_rank() == 0:
+            kept = _latest_or_none(root)
             try:
-                problem = check_room(root, latest_checkpoint(root))
-            except Exception:  # a damaged `latest`: nothing to estimate from; the resume checks say what is wrong
+                problem = check_room(root, kept)
+            except OSError:  # the last checkpoint changed under us: nothing to estimate from
                 problem = None
-        shared = [problem]
-        dist.broadcast_object_list(shared, src=0)
-        if shared[0]:
-            raise CheckpointNotSaved(f"{shared[0]}: step {self.step} was not saved; {self._kept(root)}")
+            if problem:
+                message = f"{problem}: step {self.step} was not saved; {_kept_line(kept)}"
+        message = from_rank0(message)
+        if message:
+            raise CheckpointNotSaved(message)
 
     def _disk_problem(self, exc: BaseException, root: Path) -> None:
         """A save that failed on a full or read-only disk: remove what it wrote, raise one line (else return)."""
-
         problem = write_problem(exc, root)
         if problem is None:
             return
-        name = iter_name(self.step)
-        try:
-            kept = latest_checkpoint(root)
-        except Exception:
-            kept = None
+        name, kept = iter_name(self.step), _latest_or_none(root)
         removed = []
         for partial in (root / f"{name}.tmp", root / name):
             if partial.exists() and partial != kept:
@@ -215,24 +211,12 @@ class TrainingLoop(ResumeChecks):
                 removed.append(partial.name)
         error = CheckpointNotSaved(f"{problem}: step {self.step} was not saved"
                                    + (f" (its partial {', '.join(removed)} removed)" if removed else "")
-                                   + f"; {self._kept(root)}")
+                                   + f"; {_kept_line(kept)}")
         error.every_rank = not self.COLLECTIVE_SAVE  # a rank-local write failed on this rank alone
         raise error from None
 
-    @staticmethod
-    def _kept(root: Path) -> str:
-
-        try:
-            kept = latest_checkpoint(root)
-        except Exception:
-            kept = None
-        if kept is None:
-            return "there is no earlier checkpoint"
-        return f"{kept.name} is kept: make room and rerun the same command to resume from it"
-
     def closing_summary(self, result: Dict) -> str:
         """The lines a run ends with (rf_megatron/run_summary.py), from what this process saw."""
-
         outcome = {"step": self.step, "tokens": self.stream.consumed_samples * self.cfg.model.seq_length,
                    "train_loss": self.last_train_loss, "checkpoint": self.last_checkpoint,
                    "stopped": result.get("stopped")}
@@ -242,14 +226,12 @@ class TrainingLoop(ResumeChecks):
 
     @property
     def run_config_yaml(self) -> str:
-
         return yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
     def close(self) -> None:
-
         run_lock.release()
         if dist.is_initialized():
             dist.barrier()
@@ -343,9 +325,7 @@ class TrainingLoop(ResumeChecks):
         tflops = tokens_per_s * self.flops_per_token / dist.get_world_size() / 1e12
         lr = self.current_lr()
         if not hasattr(self, "_peak_tflops"):
-
             self._peak_tflops = peak_tflops(self.cfg.logging.peak_tflops, fp8=bool(self.cfg.parallel.fp8))
-
         mfu = tflops / self._peak_tflops if self._peak_tflops else None
         tokens = self.stream.consumed_samples * self.cfg.model.seq_length
         self.last_train_loss = mean_loss
@@ -391,6 +371,20 @@ class TrainingLoop(ResumeChecks):
     def _log_test(self) -> Dict[str, float]:
         """The test set, scored once at the end (Megatron-LM's do_test)."""
         return {"test_loss": self._log_eval("test", final=True)} if getattr(self, "test_ds", None) is not None else {}
+
+
+def _latest_or_none(root: Path) -> Optional[Path]:
+    """The checkpoint `latest` names, or None (none yet, or a damaged pointer: the resume checks say what is wrong)."""
+    try:
+        return latest_checkpoint(root)
+    except Exception:
+        return None
+
+
+def _kept_line(kept: Optional[Path]) -> str:
+    if kept is None:
+        return "there is no earlier checkpoint"
+    return f"{kept.name} is kept: make room and rerun the same command to resume from it"
 
 
 def _peak_memory() -> Dict[str, float]:
