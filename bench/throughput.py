@@ -9,13 +9,17 @@ steps alternate between the paths (the order reversed every round) so that drift
 all alike; each path reports the median over the timed rounds and the spread (max - min) / median:
 - Megatron: the trainer's step (rf_megatron/trainer.py: Megatron DDP, Megatron's mixed-precision AdamW with
   grad clipping, the param scheduler, the loss read back every step), one process (TP1 PP1), once per
-  `model.attention_backend` (sdpa, unfused);
+  `model.attention_backend` (sdpa, unfused); on a GPU (or with --ablations) also vanilla sdpa with one step option
+  changed per row: torch's foreach AdamW instead of the fused one (optim.fused=false), Megatron's fused
+  cross-entropy (parallel.cross_entropy_fusion=true), so each is kept only where it is measured to help;
 - HF: rf_megatron/hf/modeling_rfgpt.py with SDPA attention, fp32 master weights, bf16 autocast on a GPU,
   torch's AdamW (fused on a GPU) with the same hyper-parameters and grad clipping; `--compile` adds the same
   model under torch.compile.
 MFU is the model's training FLOPs per token (rf_megatron/flops.py) against the GPU's peak
 (rf_megatron/device_peak.py); n/a on the CPU. Peak memory (GPU): after the timed rounds each path runs one
 more step with nothing else resident (the paths measured before it are freed), so it is that path's own peak.
+Host syncs/step (GPU): one extra step per path under torch.cuda's sync debug mode counts the host-device
+synchronisations (Megatron's path: its grad-norm `.item()` and the loss read for train.nan_policy).
 On the CPU both engines run under rf_megatron's CPU mode; its figures say only that the bench runs.
 """
 from __future__ import annotations
@@ -50,6 +54,7 @@ class Run:
     flops_per_token: float
     times: List[float] = field(default_factory=list)
     peak_bytes: Optional[int] = None
+    syncs: Optional[int] = None  # host-device synchronisations in one step (GPU: torch.cuda sync debug mode)
     error: Optional[str] = None
 
     @property
@@ -70,8 +75,9 @@ def token_batches(vocab: int, seq: int, micro_batch: int, microbatches: int) -> 
     return out
 
 
-def megatron_path(model_cfg, parallel, optim, variant: str, backend: str) -> Run:
-    """Trainer.train_step (rf_megatron/trainer.py) without its NaN checks: same model, optimizer, scheduler."""
+def megatron_path(model_cfg, parallel, optim, variant: str, backend: str, kernel: Optional[str] = None) -> Run:
+    """Trainer.train_step (rf_megatron/trainer.py) without its NaN checks: same model, optimizer, scheduler.
+    `kernel` labels a row that changes `parallel` / `optim` (the ablations)."""
     import dataclasses
 
     from rf_megatron.build import build_model, build_optimizer, build_scheduler
@@ -100,7 +106,7 @@ def megatron_path(model_cfg, parallel, optim, variant: str, backend: str) -> Run
         state["scheduler"].step(increment=1)
         return loss
 
-    return Run("Megatron", variant, backend, step, state.clear, training_flops_per_token(cfg))
+    return Run("Megatron", variant, kernel or backend, step, state.clear, training_flops_per_token(cfg))
 
 
 def hf_path(model_cfg, optim, variant: str, bf16: bool, compile_: bool) -> Run:
@@ -171,6 +177,23 @@ def measure_peaks(paths: List[Run], microbatches) -> None:
         path.peak_bytes = peak - torch.cuda.memory_allocated()
 
 
+def count_syncs(paths: List[Run], microbatches) -> None:
+    """One step per path under torch.cuda's sync debug mode: each host-device synchronisation warns once."""
+    import warnings
+
+    for path in paths:
+        if path.error:
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                path.step(microbatches)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        path.syncs = sum("synchroniz" in str(w.message) for w in caught)
+
+
 def report(paths: List[Run], tokens_per_step: int, peak_tflops: Optional[float], header: str) -> None:
     def tokens_per_s(p):
         return tokens_per_step / statistics.median(p.times) if p.times else None
@@ -180,18 +203,19 @@ def report(paths: List[Run], tokens_per_step: int, peak_tflops: Optional[float],
     base_tps = tokens_per_s(base) if base else None
     print(header)
     print()
-    print("| path | tokens/s (median) | spread | MFU | peak allocated | vs Megatron vanilla sdpa |")
-    print("|---|---|---|---|---|---|")
+    print("| path | tokens/s (median) | spread | MFU | peak allocated | host syncs/step | vs Megatron vanilla sdpa |")
+    print("|---|---|---|---|---|---|---|")
     for p in paths:
         if p.error:
-            print(f"| {p.label} | failed: {p.error} | | | | |")
+            print(f"| {p.label} | failed: {p.error} | | | | | |")
             continue
         tps = tokens_per_s(p)
         spread = (max(p.times) - min(p.times)) / statistics.median(p.times)
         mfu = f"{100 * tps * p.flops_per_token / (peak_tflops * 1e12):.1f}%" if peak_tflops else "n/a"
         peak = f"{p.peak_bytes / 2 ** 30:.2f} GiB" if p.peak_bytes is not None else "n/a"
         ratio = f"{tps / base_tps:.2f}x" if base_tps else "n/a"
-        print(f"| {p.label} | {tps:,.0f} | {100 * spread:.0f}% | {mfu} | {peak} | {ratio} |")
+        syncs = "n/a" if p.syncs is None else p.syncs
+        print(f"| {p.label} | {tps:,.0f} | {100 * spread:.0f}% | {mfu} | {peak} | {syncs} | {ratio} |")
     print()
     ratios = []
     for variant in VARIANTS:
@@ -215,6 +239,9 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 3 on the CPU, 6 on a GPU)")
     p.add_argument("--compile", action="store_true", help="also the HF model under torch.compile")
     p.add_argument("--no-hf", action="store_true", help="the Megatron engine only")
+    p.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=None,
+                   help="also vanilla sdpa with one step option changed each: foreach AdamW (not fused), Megatron's "
+                        "fused cross-entropy (default: on a GPU)")
     args = p.parse_args(argv)
 
     from rf_megatron.device import on_gpu, select_device
@@ -260,6 +287,12 @@ def main(argv=None):
         model_cfg = replace(preset.model, **{"lambda_mode": "identity", **VARIANTS[variant]})
         for backend in args.backends.split(","):
             paths.append(megatron_path(model_cfg, parallel, optim, variant, backend))
+        if (args.ablations if args.ablations is not None else gpu) and variant == "vanilla":
+            paths.append(megatron_path(model_cfg, parallel, replace(optim, fused=False), variant, "sdpa",
+                                       "sdpa, foreach AdamW"))
+            if bf16:  # Megatron's fused cross-entropy is bf16 only
+                paths.append(megatron_path(model_cfg, replace(parallel, cross_entropy_fusion=True), optim, variant,
+                                           "sdpa", "sdpa, fused CE"))
         if not args.no_hf:
             paths.append(hf_path(model_cfg, optim, variant, bf16, compile_=False))
             if args.compile:
@@ -277,6 +310,7 @@ def main(argv=None):
             if r >= warmup:
                 path.times.append(dt)
     if gpu:
+        count_syncs(paths, microbatches)
         measure_peaks(paths, microbatches)
 
     m = preset.model

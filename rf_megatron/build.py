@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-import torch
 import torch.distributed as dist
 
+from . import step_kernels
 from .config import ModelConfig, OptimConfig, ParallelConfig, build_transformer_config
+from .device import on_gpu
 from .grads import finalize_model_grads
 from .model import build_model_chunks
 
@@ -74,7 +75,15 @@ def build_optimizer(model: List, optim: OptimConfig, parallel: ParallelConfig):
         clip_grad=optim.clip_grad, bf16=dtype == "bf16", fp16=dtype == "fp16",
         use_distributed_optimizer=parallel.distributed_optimizer,
     )
-    return get_megatron_optimizer(cfg, model)
+    step_kernels.install()
+    optimizer = get_megatron_optimizer(cfg, model)
+    step_kernels.use_fused_adam(optimizer, wants_fused_adam(optim))
+    return optimizer
+
+
+def wants_fused_adam(optim: OptimConfig) -> bool:
+    """optim.fused; None: on a GPU (torch's fused AdamW, where Megatron uses torch's AdamW)."""
+    return optim.fused if optim.fused is not None else on_gpu()
 
 
 def build_scheduler(optimizer, optim: OptimConfig, train_steps: int):

@@ -133,6 +133,10 @@ class ParallelConfig:
     fp8: Optional[str] = None  # "hybrid" | "e4m3" on H100 with Transformer Engine
     transformer_impl: str = "local"  # local | transformer_engine
     fusions: bool = True  # on a GPU, Megatron's fused kernels where they exist (gpu_fusions); false to debug one
+    # Megatron's native fused cross-entropy (megatron/core/fusions/fused_cross_entropy.py, torch.compile'd on a
+    # GPU) instead of vocab_parallel_cross_entropy: same loss, fewer passes over the [tokens, vocab] logits; bf16
+    # only (its backward returns bf16 logits gradients)
+    cross_entropy_fusion: bool = False
 
     def validate(self, world_size: Optional[int] = None) -> None:
         def need(cond, msg):
@@ -149,6 +153,9 @@ class ParallelConfig:
              f"transformer_impl={self.transformer_impl!r}: choose local or transformer_engine")
         need(self.fp8 is None or self.transformer_impl == "transformer_engine",
              "fp8 needs transformer_impl=transformer_engine (Transformer Engine on an H100)")
+        need(not self.cross_entropy_fusion or self.params_dtype == "bf16",
+             f"cross_entropy_fusion=true needs params_dtype=bf16 (Megatron's fused cross-entropy returns bf16 "
+             f"gradients of the logits; with {self.params_dtype} they would be silently rounded)")
         need(self.recompute_method in ("uniform", "block"),
              f"recompute_method={self.recompute_method!r}: choose uniform or block")
         if world_size is not None:
@@ -232,6 +239,8 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, cpu: 
         recompute_method=parallel.recompute_method if parallel.recompute_granularity == "full" else None,
         recompute_num_layers=parallel.recompute_num_layers if parallel.recompute_granularity == "full" else None,
         use_cpu_initialization=cpu,
+        cross_entropy_loss_fusion=parallel.cross_entropy_fusion,
+        cross_entropy_fusion_impl="native",
         **(gpu_fusions(parallel) if parallel.fusions and not cpu and not simulated() else {}),
     )
     if model.init == "paper":  # no 1/sqrt(2L) on linear_proj / linear_fc2 (Megatron's default when left None)
@@ -271,6 +280,9 @@ class OptimConfig:
     lr_warmup_steps: int = 100
     lr_decay_style: str = "cosine"  # cosine | WSD | linear | constant
     lr_wsd_decay_steps: Optional[int] = None  # WSD: length of the final decay phase
+    # torch's fused AdamW kernel where Megatron falls back to torch's AdamW (no Apex / Transformer Engine):
+    # None: on a GPU; true / false: wherever the kernel exists / never (rf_megatron/step_kernels.py)
+    fused: Optional[bool] = None
 
     def validate(self) -> None:
         for name in ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad"):

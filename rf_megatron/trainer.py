@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from . import distopt_fixes
-from .build import build_model, build_optimizer, build_scheduler, init_parallel
+from . import distopt_fixes, step_kernels
+from .build import build_model, build_optimizer, build_scheduler, init_parallel, wants_fused_adam
 from .checkpointing import load_checkpoint, save_checkpoint
 from .config import ConfigError
 from .data import build_run_datasets, chunk_iterators, load_tokenizer
@@ -158,6 +158,7 @@ class Trainer(TrainingLoop):
             error.every_rank = True
             raise error from None
         self._set_lr_range(cfg.optim.lr, cfg.optim.min_lr)
+        step_kernels.use_fused_adam(self.optimizer, wants_fused_adam(cfg.optim))  # the checkpoint's flags -> ours
         self.scheduler.step(increment=0)
         return state
 

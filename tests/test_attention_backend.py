@@ -1,5 +1,7 @@
 """`model.attention_backend`: SDPA core attention (rf_megatron/sdpa_attention.py) computes what Megatron's
-unfused `DotProductAttention` computes, for every variant, GQA, recompute and under TP / SP / PP.
+unfused `DotProductAttention` computes, for every variant, GQA, recompute and under TP / SP / PP. The same
+TP2 x PP2 launch checks torch's fused AdamW (optim.fused, rf_megatron/step_kernels.py) against the default
+foreach one (the fused cross-entropy: tests/test_step_kernels.py).
 
 Same weights in both models, fp32, logits and gradients within 1e-5. (The option's config errors:
 tests/test_config_errors.py; bench/throughput.py times the two: tests/test_throughput_bench.py.)
@@ -99,8 +101,10 @@ def test_sdpa_dropout_is_replayed_by_selective_recompute(megatron_single_rank):
     assert logits_err <= 1e-6 and grad_err <= 1e-6, (logits_err, grad_err)
 
 
-# one launch, 4 processes: TP2 x PP2 with sequence parallel, each variant with both backends
+# one launch, 4 processes: TP2 x PP2 with sequence parallel, each variant with both backends, and two variants with
+# the fused AdamW
 DIST_VARIANTS = ["vanilla", "learnable_plus", "svformer_gqa"]
+STEP_OPTIONS = {"fused_adam": ["learnable_plus", "svformer_gqa"]}
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +112,7 @@ def tp2_pp2_sp_both_backends(tmp_path_factory):
     from test_layout_equivalence import launch
 
     names = [f"{v}@{b}" for v in DIST_VARIANTS for b in ("unfused", "sdpa")]
+    names += [f"{v}@sdpa+{option}" for option, variants in STEP_OPTIONS.items() for v in variants]
     return launch(4, ["--tp", 2, "--pp", 2, "--sp", "--steps", 2, "--variants", ",".join(names)],
                   tmp_path_factory.mktemp("attention_backend"))
 
@@ -119,3 +124,15 @@ def test_sdpa_matches_unfused_under_tp2_pp2_sp(variant, tp2_pp2_sp_both_backends
     assert set(sdpa["grads"]) == set(unfused["grads"]) and sdpa["grads"]
     grad_err = max((sdpa["grads"][n] - g).abs().max().item() for n, g in unfused["grads"].items())
     assert grad_err <= 1e-5, grad_err
+
+
+@pytest.mark.parametrize("option,variant", [(o, v) for o, vs in STEP_OPTIONS.items() for v in vs])
+def test_step_option_matches_the_default_under_tp2_pp2_sp(option, variant, tp2_pp2_sp_both_backends):
+    """Two steps with the option on: the same losses, first-step gradients and (after the second update) weights as
+    without it, to fp32 rounding (the fused kernels sum in another order)."""
+    plain, fused = tp2_pp2_sp_both_backends[f"{variant}@sdpa"], tp2_pp2_sp_both_backends[f"{variant}@sdpa+{option}"]
+    assert torch.allclose(torch.tensor(fused["losses"]), torch.tensor(plain["losses"]), rtol=0, atol=1e-5)
+    for what in ("grads", "params"):
+        assert set(fused[what]) == set(plain[what]) and plain[what]
+        err = max((fused[what][n] - p).abs().max().item() for n, p in plain[what].items())
+        assert err <= 1e-5, (what, err)

@@ -16,7 +16,7 @@ LAYERS = {
     1: ("config", "run_config", "device", "vocab", "data", "flops", "checkpoint_dir", "checkpoint_health", "signals",
         "single_process", "config_check", "v1_packing"),
     2: ("value_residual", "attention", "sdpa_attention", "layer", "norm", "specs", "model", "schedule",
-        "grads", "distopt_fixes", "build", "checkpointing"),
+        "grads", "distopt_fixes", "step_kernels", "build", "checkpointing"),
     3: ("hf.",),
     4: ("training_loop", "resume", "trainer", "entry_point", "zero.", "scaling.", "cli."),
 }

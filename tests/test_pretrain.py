@@ -232,6 +232,22 @@ def test_distributed_optimizer_resume_is_bitwise(data, tmp_path):
 
 
 @pytest.mark.mcore_api
+def test_fused_adam_resume_is_bitwise_and_follows_the_foreach_run(data, uninterrupted, tmp_path):
+    """optim.fused=true (torch's fused AdamW inside Megatron's distributed optimizer, the GPU default): resumed from
+    step 5 it repeats its uninterrupted run exactly, and both follow the foreach run (`uninterrupted`, TP2) to
+    fp32 rounding."""
+    fused = {"parallel.tensor_parallel": 1, "parallel.distributed_optimizer": "true", "optim.fused": "true"}
+    train(data, tmp_path / "full", **fused, **KEEP_STEP_5)
+    resume_from_step_5_of(tmp_path / "full", tmp_path / "cut")
+    train(data, tmp_path / "cut", **fused)
+    foreach, want, got = losses(uninterrupted), losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert sorted(got) == list(range(6, STEPS + 1))
+    assert [got[s] for s in range(6, STEPS + 1)] == [want[s] for s in range(6, STEPS + 1)]
+    for step in range(1, STEPS + 1):
+        assert want[step] == pytest.approx(foreach[step], rel=1e-4, abs=1e-5), step
+
+
+@pytest.mark.mcore_api
 def test_extending_a_finished_run_follows_the_new_schedule(data, uninterrupted, tmp_path):
     """Resume the finished 12-step run with train.train_steps=16: the cosine decay now ends at 16
     (the checkpoint's 12-step schedule would pin the LR at min_lr), and the change is announced."""

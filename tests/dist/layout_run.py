@@ -1,7 +1,8 @@
 """Train every model variant a few steps in one parallel layout; dump losses and gradients.
 
 Launched by the tests with torchrun (gloo, CPU mode). `--variants identity@unfused,identity@sdpa` runs a
-variant with a given `model.attention_backend` (default: auto). Every layout starts from the same full
+variant with a given `model.attention_backend` (default: auto); `+fused_adam` after it turns on optim.fused
+(`vanilla@sdpa+fused_adam`). Every layout starts from the same full
 weights (drawn per global parameter name) and sees the same global batches, so results from
 different layouts must agree to float tolerance. Output: one torch file per pipeline rank with
   {variant: {"losses": [...], "grad_norms": [...], "grads": {global name: full first-step grad},
@@ -65,6 +66,9 @@ def run_variant(name, args, ps):
     from rf_megatron.state import full_shape, gather_tp, load_full_weights, named_global_parameters
 
     variant, _, backend = name.partition("@")
+    backend, *options = backend.split("+")
+    unknown = set(options) - {"fused_adam"}
+    assert not unknown, unknown
     model_cfg = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
                             vocab_size=VOCAB, seq_length=SEQ, qk_layernorm=args.qk_layernorm,
                             attention_backend=backend or "auto", **VARIANTS[variant])
@@ -81,7 +85,8 @@ def run_variant(name, args, ps):
         load_full_weights(chunks, full)
 
     model, config = build_model(model_cfg, parallel, before_ddp=same_weights_everywhere)
-    opt = build_optimizer(model, OptimConfig(lr=1e-2, min_lr=0.0, weight_decay=0.0, adam_beta2=0.999), parallel)
+    opt = build_optimizer(model, OptimConfig(lr=1e-2, min_lr=0.0, weight_decay=0.0, adam_beta2=0.999,
+                                             fused="fused_adam" in options), parallel)
 
     def forward_step(data_iterator, m):
         b = next(data_iterator)
