@@ -20,7 +20,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from .config import ConfigError
 from .console import is_rank0  # noqa: F401  (re-exported)
@@ -157,6 +157,42 @@ def newest_healthy(root) -> Optional[Path]:
     records = read_health(root)
     healthy = [p for p in complete_checkpoints(root) if records.get(p.name, {}).get("healthy") is True]
     return healthy[-1] if healthy else None
+
+
+def land_checkpoint(root, step: int, write_shards: Callable[[Path], None], run_config_yaml: str,
+                    train_state: Dict, keep_last: int) -> Path:
+    """The one commit protocol of both engines (call on every rank): nothing a reader trusts exists until the
+    checkpoint is whole, so a crash or kill at any point resumes from the previous `latest`.
+    1. rank 0 removes what crashed saves left (`iter_*.tmp`) and makes `iter_N.tmp`;
+    2. every rank writes its share into it: `write_shards(tmp)` (Megatron's DCP shards, DeepSpeed's files);
+    3. rank 0 adds run_config.yaml and train_state.json; every rank hashes its share into the manifest;
+    4. rank 0 renames it to `iter_N` (replacing an older copy of that step) and points `latest` at it (commit).
+    Returns the checkpoint's path."""
+    import torch.distributed as dist
+
+    root, name = Path(root), iter_name(step)
+    final, tmp = root / name, root / f"{name}.tmp"
+    rank0 = is_rank0()
+    if rank0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("iter_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    write_shards(tmp)
+    dist.barrier()
+    if rank0:
+        (tmp / "run_config.yaml").write_text(run_config_yaml)
+        (tmp / "train_state.json").write_text(json.dumps({**train_state, "step": step}))
+    dist.barrier()
+    write_manifest(tmp)  # every rank hashes its share; rank 0 writes it last
+    if rank0:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        commit(root, name, keep_last)
+    dist.barrier()
+    return final
 
 
 def commit(root: Path, name: str, keep_last: int) -> None:

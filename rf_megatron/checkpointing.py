@@ -10,19 +10,16 @@ checkpoint loads into another TP / PP / virtual-PP / DP layout.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from .checkpoint_dir import (CheckpointError, commit, iter_name, latest_checkpoint, read_train_state,  # noqa: F401
-                             write_manifest)  # (CheckpointError, latest_checkpoint: re-exported)
+from .checkpoint_dir import (CheckpointError, land_checkpoint, latest_checkpoint,  # noqa: F401
+                             read_train_state)  # (CheckpointError, latest_checkpoint: re-exported)
 from .distopt_fixes import init_optimizer_state
 from .model import unwrap
 
@@ -106,36 +103,17 @@ def save_checkpoint(root, step: int, model: List, optimizer, scheduler, train_st
     resumes it with a fresh optimizer and schedule, as Megatron-LM's --finetune does. `model`: DDP-wrapped or bare
     chunks; `sharded_strategy`: how the tensors are written (default: Megatron's torch_dist; the HF importer
     streams them, rf_megatron.hf.streaming_save)."""
-    root = Path(root)
-    name = iter_name(step)
-    final, tmp = root / name, root / f"{name}.tmp"
-    if _rank0():
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("iter_*.tmp"):  # left by a crash mid-save
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    dist.barrier()
-    _start_writer_queue_ignoring_stop_signals()
     weights_only = optimizer is None
-    state = _sharded_state(model, optimizer, is_loading=False, with_rng=not weights_only)
-    if not weights_only:
-        state["scheduler"] = scheduler.state_dict()
-    else:
-        train_state = {**train_state, "weights_only": True}
-    dist_checkpointing.save(state, str(tmp), sharded_strategy=sharded_strategy)
-    dist.barrier()
-    if _rank0():
-        (tmp / "run_config.yaml").write_text(run_config_yaml)
-        (tmp / "train_state.json").write_text(json.dumps({**train_state, "step": step, "layout": _layout()}))
-    dist.barrier()
-    write_manifest(tmp)  # every rank hashes its share; rank 0 writes it last
-    if _rank0():
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        commit(root, name, keep_last)
-    dist.barrier()
-    return final
+
+    def write_shards(tmp: Path) -> None:
+        _start_writer_queue_ignoring_stop_signals()
+        state = _sharded_state(model, optimizer, is_loading=False, with_rng=not weights_only)
+        if not weights_only:
+            state["scheduler"] = scheduler.state_dict()
+        dist_checkpointing.save(state, str(tmp), sharded_strategy=sharded_strategy)
+
+    train_state = {**train_state, "layout": _layout(), **({"weights_only": True} if weights_only else {})}
+    return land_checkpoint(root, step, write_shards, run_config_yaml, train_state, keep_last)
 
 
 def load_checkpoint(path, model: List, optimizer, scheduler) -> Dict[str, Any]:

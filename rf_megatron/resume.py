@@ -44,19 +44,28 @@ def stop_if_finished(cfg) -> None:
                               "checkpoint.start_over=true to train again)")
 
 
+@dataclasses.dataclass(frozen=True)
+class ResumePlan:
+    """What a run continues from, decided before the datasets are built (a rewind changes how many samples they
+    need) and before anything is loaded."""
+
+    path: Optional[Path]  # the checkpoint to load; None: a fresh run
+    run_id: str  # the lineage id this run's checkpoints carry (kept across resumes; pruning keeps to it)
+    skip_batches: int = 0  # global batches a rewind past a divergence skips (checkpoint.rewind_to_healthy)
+
+
 class ResumeChecks:
     """TrainingLoop's resume checks (it sets `cfg`, `_print` and `check_resumable`)."""
 
-    def find_resume_checkpoint(self) -> Optional[Path]:
-        """The checkpoint this run continues (None: a fresh run), after the checks that keep checkpoints from
-        being lost or misread (rf_megatron/checkpoint_dir.py). Sets `run_id`, the lineage id this run's
-        checkpoints carry (kept across resumes; pruning only ever removes older checkpoints of the same id),
-        `skip_batches` (global batches a rewind past a divergence skips) and `health` (checkpoint_health.py)."""
+    def find_resume_checkpoint(self) -> ResumePlan:
+        """The plan of this run's start, after the checks that keep checkpoints from being lost or misread
+        (rf_megatron/checkpoint_dir.py); takes the directory's run lock. Sets `health` (checkpoint_health.py),
+        which the next step's verdict on the resumed checkpoint goes to."""
         ckpt = self.cfg.checkpoint
-        self.run_id, self.skip_batches = new_run_id(), 0
         self.health = HealthMonitor(ckpt.dir, self.cfg.train.loss_spike_factor, writer=is_rank0())
+        fresh = ResumePlan(None, new_run_id())
         if not ckpt.dir:
-            return None
+            return fresh
         hold_checkpoint_dir(ckpt.dir)
         path = None
         if ckpt.resume and not ckpt.start_over:
@@ -66,7 +75,7 @@ class ResumeChecks:
                 raise ConfigError(str(exc)) from None
         if path is None:
             prepare_fresh_run(ckpt.dir, ckpt.start_over, rank0=is_rank0())
-            return None
+            return fresh
         if ckpt.rewind_to_healthy:
             path = rewind(ckpt.dir, path, say=say, rank0=is_rank0())
         elif read_health(ckpt.dir).get(path.name, {}).get("healthy") is False:
@@ -80,17 +89,15 @@ class ResumeChecks:
         check_model_unchanged(path, dataclasses.asdict(self.cfg.model))
         saved = read_train_state(path)
         self.check_resumable(path, saved)
-        self.run_id = saved.get("run_id")
-        self.skip_batches = batches_to_skip(path)
         self.health.pending.append(path.name)  # the next step judges it again
-        return path
+        return ResumePlan(path, saved.get("run_id"), batches_to_skip(path))
 
-    def skip_rewound_data(self, consumed: int) -> int:
+    def skip_rewound_data(self, consumed: int, skip_batches: int) -> int:
         """Consumed samples after a rewind's skip (checkpoint.rewind_to_healthy), said once."""
-        if not self.skip_batches:
+        if not skip_batches:
             return consumed
-        skipped = self.skip_batches * self.cfg.train.global_batch_size
-        self._print(f"skipping {self.skip_batches} global batch(es) ({skipped} samples) that the diverged steps read")
+        skipped = skip_batches * self.cfg.train.global_batch_size
+        self._print(f"skipping {skip_batches} global batch(es) ({skipped} samples) that the diverged steps read")
         return consumed + skipped
 
     def note_schedule_changes(self, checkpoint) -> None:

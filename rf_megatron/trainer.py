@@ -73,9 +73,9 @@ class Trainer(TrainingLoop):
         self.model, self.config = build_model(cfg.model, cfg.parallel)
         self.optimizer = build_optimizer(self.model, cfg.optim, cfg.parallel)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.train_steps)
-        resume_from = self.find_resume_checkpoint()
-        self.train_ds, self.valid_ds, self.test_ds = build_run_datasets(cfg, self.tokenizer, self.skip_batches)
-        self.resume(resume_from, log_writer=holds_the_loss() and ps.get_data_parallel_rank() == 0)
+        plan = self.find_resume_checkpoint()
+        self.train_ds, self.valid_ds, self.test_ds = build_run_datasets(cfg, self.tokenizer, plan.skip_batches)
+        self.resume(plan, log_writer=holds_the_loss() and ps.get_data_parallel_rank() == 0)
         counts = parameter_counts(cfg.model)
         self._print(f"{self.run_label()} ({counts.non_embedding / 1e6:.2f}M non-embedding), "
                     f"world {dist.get_world_size()} = TP{cfg.parallel.tensor_parallel} x PP{cfg.parallel.pipeline_parallel}"

@@ -26,7 +26,7 @@ from .device_peak import peak_tflops
 from .disk_space import check_room, write_problem
 from .flops import parameter_counts, training_flops_per_token
 from .metrics import MetricsLogger
-from .resume import ResumeChecks
+from .resume import ResumeChecks, ResumePlan
 from .run_config import save_yaml, to_dict
 from .run_summary import count, eval_scope, progress, summary
 from .signals import ExitSignals
@@ -50,10 +50,14 @@ class CheckpointNotSaved(TrainingStopped):
 class TrainingLoop(ResumeChecks):
     """The trainer skeleton. It owns the run's life: the finished-run check, finding and checking the checkpoint
     to resume, the resume bookkeeping (step, data position, rewinds, schedule notes), the training stream, the
-    metrics, evaluation, the checkpoint cadence and save bookkeeping, logging and the run label. An engine's
-    `__init__` calls `super().__init__(cfg)`, builds its model, optimizer, `scheduler` and datasets
-    (`train_ds`, `valid_ds`, `test_ds`), then `self.resume(path, log_writer)` with the path from
-    `find_resume_checkpoint()`; it implements the engine hooks below."""
+    metrics, evaluation, the checkpoint cadence and save bookkeeping, logging and the run label.
+
+    The engine contract, in this order in an engine's `__init__`:
+    1. `super().__init__(cfg)`; set `device` and `optimizer`, `scheduler` (what `current_lr` and the schedule read);
+    2. `plan = self.find_resume_checkpoint()` (a `ResumePlan`; the run lock is held from here);
+    3. set `train_ds`, `valid_ds`, `test_ds` with `plan.skip_batches` more training batches (a rewind skips them);
+    4. `self.resume(plan, log_writer)`: loads `plan.path` (through `load`) and starts the stream and the metrics;
+    and implement the engine hooks below."""
 
     ENGINE = ""  # train_state.json's "engine" of this trainer's checkpoints
     COLLECTIVE_SAVE = True  # every rank sees a failed save (DCP gathers the write results); False: rank-local
@@ -64,6 +68,10 @@ class TrainingLoop(ResumeChecks):
         self.last_checkpoint: Optional[str] = None  # the newest checkpoint saved or resumed: the summary names it
         self.last_train_loss: Optional[float] = None
         self.last_eval: Optional[Tuple[float, int, bool]] = None  # validation (loss, tokens, whole set)
+        # set by the engine (the contract above): where tensors live, the optimizer and its LR schedule, the data
+        self.device: Optional[torch.device] = None
+        self.optimizer = self.scheduler = None
+        self.train_ds = self.valid_ds = self.test_ds = None
 
     # --- engine hooks ---------------------------------------------------------------------------
     def train_step(self) -> Tuple[float, float, bool]:
@@ -109,10 +117,11 @@ class TrainingLoop(ResumeChecks):
         """After the last step's evaluation and checkpoint."""
 
     # --- the skeleton -------------------------------------------------------------------------------
-    def resume(self, path: Optional[Path], log_writer: bool) -> None:
-        """Continue from the checkpoint at `path` (None: a fresh run): the step, the data position (after a
-        rewind's skip), the training stream, the run's config.yaml and metrics."""
-        t = self.cfg.train
+    def resume(self, plan: ResumePlan, log_writer: bool) -> None:
+        """Continue as `plan` says (its path None: a fresh run): the step, the data position (after a rewind's
+        skip), the training stream, the run's config.yaml and metrics."""
+        t, path = self.cfg.train, plan.path
+        self.run_id = plan.run_id
         if dist.get_rank() == 0:
             save_yaml(self.cfg, os.path.join(self.cfg.logging.dir, "config.yaml"))
         self._print(f"writing to {self.cfg.logging.dir} (metrics.jsonl, config.yaml), checkpoints "
@@ -127,7 +136,7 @@ class TrainingLoop(ResumeChecks):
                         + ("; weights only (an HF import): a fresh optimizer and LR schedule"
                            if state.get("weights_only") else ""))
             self.note_schedule_changes(path)
-            consumed = self.skip_rewound_data(consumed)
+            consumed = self.skip_rewound_data(consumed, plan.skip_batches)
         self.stream = MicrobatchStream(self.train_ds, t.global_batch_size, t.micro_batch_size, consumed,
                                        **self.data_parallel())
         self.metrics = MetricsLogger(self.cfg.logging.dir, self.cfg.name, to_dict(self.cfg), log_writer,
@@ -164,8 +173,10 @@ class TrainingLoop(ResumeChecks):
                 "consumed_samples": self.stream.consumed_samples, **self.engine_state(),
                 "health": self.health.window_record()}
 
-    def save(self) -> None:
-        """A checkpoint of this step (once per step) in checkpoint.dir, if set."""
+    def checkpoint(self) -> None:
+        """The checkpoint of this step (once per step) in checkpoint.dir, if set: the disk checks, the engine's
+        `write_checkpoint` (which lands it: checkpoint_dir.land_checkpoint), and the new checkpoint waits for the
+        next step's verdict on its health."""
         ckpt = self.cfg.checkpoint
         if not ckpt.dir or self._saved_step == self.step:
             return
@@ -181,6 +192,7 @@ class TrainingLoop(ResumeChecks):
             raise
         self.last_checkpoint = str(path)
         self._print(f"saved checkpoint {path}")
+        self.health.saved(path.name)
 
     def _check_room(self, root: Path) -> None:
         """Refuse a save that cannot fit (the last checkpoint's size is known) before writing anything. Rank 0
@@ -290,21 +302,21 @@ class TrainingLoop(ResumeChecks):
                 if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.train_steps:
                     self._log_eval()
                 if ckpt.save_interval and self.step % ckpt.save_interval == 0:
-                    self._checkpoint()
+                    self.checkpoint()
                 reason = signals.should_exit() if signals else ""
                 if not reason and t.exit_interval and self.step % t.exit_interval == 0:
                     reason = f"exit_interval={t.exit_interval}"
                 if reason and self.step < t.train_steps:
                     if ckpt.dir:
                         self._print(f"{reason}: saving at step {self.step} and exiting")
-                        self._checkpoint()
+                        self.checkpoint()
                     else:
                         self._print(f"{reason}: exiting at step {self.step} WITHOUT a checkpoint (checkpoint.dir is "
                                     "not set): a rerun starts from step 0")
                     return {"step": self.step, "stopped": reason, "saved": bool(ckpt.dir)}
             result["valid_loss"] = self._log_eval(final=True)
             result.update(self._log_test())
-            self._checkpoint()
+            self.checkpoint()
             self.on_finished()
             result["step"] = self.step
             return result
@@ -312,13 +324,6 @@ class TrainingLoop(ResumeChecks):
             if signals:
                 signals.restore()
             self.metrics.close()
-
-    def _checkpoint(self) -> None:
-        """save(), and the new checkpoint waits for the next step's verdict on its health."""
-        before = self._saved_step
-        self.save()
-        if self.cfg.checkpoint.dir and self._saved_step == self.step != before:
-            self.health.saved(iter_name(self.step))
 
     def _log_train(self, loss, grad_norm, mean_loss, steps, seconds, tokens_per_step):
         tokens_per_s = steps * tokens_per_step / max(seconds, 1e-9)

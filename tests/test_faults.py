@@ -675,7 +675,7 @@ def test_a_plain_resume_of_an_unhealthy_checkpoint_says_so_and_names_the_rewind(
     checks.cfg = load_run_config("tiny_cpu", [f"checkpoint.dir={tmp_path}"])
     checks.check_resumable = lambda path, state: None
     try:
-        assert checks.find_resume_checkpoint() == ckpt
+        assert checks.find_resume_checkpoint().path == ckpt
     finally:
         run_lock.release()
     out = capsys.readouterr().err

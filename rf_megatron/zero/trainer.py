@@ -8,8 +8,9 @@ ranks), AdamW with Megatron's weight-decay grouping, Megatron's LR schedule obje
 clipping, the step loop, JSONL/wandb/TensorBoard metrics and the stop/resume behaviour.
 
 Checkpoints are DeepSpeed's own (`engine.save_checkpoint`, ZeRO-partitioned optimizer state) under
-checkpoint.dir/iter_NNNNNNN, plus train_state.json and run_config.yaml; `latest` is rewritten only
-once every rank has finished writing, so a crash mid-save resumes from the previous checkpoint.
+checkpoint.dir/iter_NNNNNNN, plus train_state.json and run_config.yaml, landed by the same commit protocol as the
+Megatron engine's (checkpoint_dir.land_checkpoint: written into iter_N.tmp, renamed once whole, then `latest`),
+so a crash mid-save resumes from the previous checkpoint.
 The LR schedule is a function of the step and optim.*, recomputed on resume.
 
 Every rank builds (or loads) the whole model in host memory before ZeRO partitions it, which is
@@ -18,9 +19,7 @@ fine up to a few billion parameters per node; larger models would need `deepspee
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Dict
 
@@ -28,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..checkpoint_dir import iter_name, read_train_state
+from ..checkpoint_dir import land_checkpoint, read_train_state
 from ..config import ConfigError
 from ..device import init_process_group, on_gpu, select_device, to_device
 from ..hf.weights import uses_remote_code
@@ -108,10 +107,10 @@ class DeepSpeedTrainer(TrainingLoop):
         self.tokenizer = load_tokenizer(cfg)
         _init_distributed()  # before the checkpoint checks: rank 0 may move a damaged checkpoint aside
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        resume_from = self.find_resume_checkpoint()
+        plan = self.find_resume_checkpoint()
 
         t, o = cfg.train, cfg.optim
-        if cfg.deepspeed.init_from_hf and resume_from is None:
+        if cfg.deepspeed.init_from_hf and plan.path is None:
             module = load_folder(cfg.deepspeed.init_from_hf, cfg.model)
         else:
             module = build_fresh(cfg.model, t.seed)
@@ -130,15 +129,15 @@ class DeepSpeedTrainer(TrainingLoop):
 
         self.engine.checkpoint_engine = safe_deepspeed_checkpoint_engine()  # its files never run code on resume
         self.scheduler = build_scheduler(self.optimizer, o, t.train_steps)
-        self.train_ds, self.valid_ds, self.test_ds = build_run_datasets(cfg, self.tokenizer, self.skip_batches)
-        self.resume(resume_from, log_writer=self.rank == 0)
+        self.train_ds, self.valid_ds, self.test_ds = build_run_datasets(cfg, self.tokenizer, plan.skip_batches)
+        self.resume(plan, log_writer=self.rank == 0)
         if cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel > 1:
             self._print(f"note: parallel.* (TP{cfg.parallel.tensor_parallel} x PP{cfg.parallel.pipeline_parallel}) "
                         "is the Megatron trainer's layout; DeepSpeed is data parallel over all processes")
         self._print(f"{self.run_label()}, DeepSpeed ZeRO-{self.stage} on {self.world} process(es) "
                     f"({'cuda' if self.cuda else 'cpu'}, {'bf16' if self.ds_config['bf16']['enabled'] else 'fp32'}), "
                     f"{self.ds_config['gradient_accumulation_steps']} microbatches/step"
-                    + (f", from {cfg.deepspeed.init_from_hf}" if cfg.deepspeed.init_from_hf and resume_from is None else ""))
+                    + (f", from {cfg.deepspeed.init_from_hf}" if cfg.deepspeed.init_from_hf and plan.path is None else ""))
 
     # --- the step ---------------------------------------------------------------------------------
     def _loss_terms(self, batch):
@@ -234,23 +233,11 @@ class DeepSpeedTrainer(TrainingLoop):
         return state
 
     def write_checkpoint(self, root: Path, train_state: Dict) -> Path:
-        from ..checkpoint_dir import commit, write_manifest
+        def write_shards(tmp: Path) -> None:  # DeepSpeed names its files per rank, not per tag: the rename is safe
+            self.engine.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state={}, save_latest=False)
 
-        tag = iter_name(self.step)
-        if self.rank == 0 and (root / tag).exists():
-            shutil.rmtree(root / tag)  # left by a save that never completed
-        dist.barrier()
-        self.engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
-        dist.barrier()
-        if self.rank == 0:
-            (root / tag / "run_config.yaml").write_text(self.run_config_yaml)
-            (root / tag / "train_state.json").write_text(json.dumps(train_state))
-        dist.barrier()
-        write_manifest(root / tag)  # every rank hashes its share; rank 0 writes it last
-        if self.rank == 0:
-            commit(root, tag, self.cfg.checkpoint.keep_last)
-        dist.barrier()
-        return root / tag
+        return land_checkpoint(root, self.step, write_shards, self.run_config_yaml, train_state,
+                               self.cfg.checkpoint.keep_last)
 
     def on_finished(self) -> None:
         """The final weights as an HF folder (like tools/convert_checkpoint_to_hf.py writes)."""
