@@ -56,7 +56,7 @@ def torchrun(script, *args):
 def initial_folder(variant: str, seed: int, base: dict, out: Path, tokenizer: Path) -> Path:
     """The model.init=paper HF weights both hf-init arms start from."""
     from rf_megatron.hf.folder import write_model_files
-    from rf_megatron.zero.hf_model import build_fresh, hf_state
+    from rf_megatron.engines.deepspeed_model import build_fresh, hf_state
 
     init = out / "init" / f"{variant}_seed{seed}"
     if not (init / "config.json").exists():

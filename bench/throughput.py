@@ -7,7 +7,7 @@
 Every path trains the same shape on the same token batches (same tokens per optimizer step), and the timed
 steps alternate between the paths (the order reversed every round) so that drift in the machine's load hits
 all alike; each path reports the median over the timed rounds and the spread (max - min) / median:
-- Megatron: the trainer's step (rf_megatron/trainer.py: Megatron DDP, Megatron's mixed-precision AdamW with
+- Megatron: the trainer's step (rf_megatron/engines/megatron.py: Megatron DDP, Megatron's mixed-precision AdamW with
   grad clipping, the param scheduler, the loss read back every step), one process (TP1 PP1), once per
   `model.attention_backend` (sdpa, unfused); on a GPU (or with --ablations) also vanilla sdpa with one step option
   changed per row: torch's foreach AdamW instead of the fused one (optim.fused=false), Megatron's fused
@@ -76,7 +76,7 @@ def token_batches(vocab: int, seq: int, micro_batch: int, microbatches: int) -> 
 
 
 def megatron_path(model_cfg, parallel, optim, variant: str, backend: str, kernel: Optional[str] = None) -> Run:
-    """Trainer.train_step (rf_megatron/trainer.py) without its NaN checks: same model, optimizer, scheduler.
+    """Trainer.train_step (rf_megatron/engines/megatron.py) without its NaN checks: same model, optimizer, scheduler.
     `kernel` labels a row that changes `parallel` / `optim` (the ablations)."""
     import dataclasses
 
@@ -84,7 +84,7 @@ def megatron_path(model_cfg, parallel, optim, variant: str, backend: str, kernel
     from rf_megatron.data import chunk_iterators
     from rf_megatron.flops import training_flops_per_token
     from rf_megatron.schedule import forward_backward
-    from rf_megatron.trainer import _forward_step, _global_loss
+    from rf_megatron.engines.megatron import _forward_step, _global_loss
 
     cfg = dataclasses.replace(model_cfg, attention_backend=backend)
     state = {}
@@ -116,7 +116,7 @@ def hf_path(model_cfg, optim, variant: str, bf16: bool, compile_: bool) -> Run:
     from rf_megatron.hf.configuration_rfgpt import RFGPTConfig
     from rf_megatron.hf.modeling_rfgpt import RFGPTForCausalLM
     from rf_megatron.hf.weights import hf_config_kwargs
-    from rf_megatron.zero.hf_model import param_groups
+    from rf_megatron.engines.deepspeed_model import param_groups
 
     device = current_device()
     config = RFGPTConfig(**{**hf_config_kwargs(model_cfg, {}), "variant": model_cfg.variant,

@@ -1,7 +1,7 @@
 """The engine-independent part of training (`TrainingLoop`): resume checks and bookkeeping, the step loop,
 logging, evaluation, checkpoint cadence and save bookkeeping, and clean exits on signals / time limits.
 
-Both trainers (Megatron-Core: `rf_megatron.trainer`, DeepSpeed ZeRO: `rf_megatron.zero.trainer`)
+Both trainers (Megatron-Core: `rf_megatron.engines.megatron`, DeepSpeed ZeRO: `rf_megatron.engines.deepspeed`)
 subclass `TrainingLoop`, so their JSONL metrics, console lines and stop/resume behaviour are the
 same and runs of the two engines compare line by line.
 """

@@ -61,8 +61,8 @@ def _data_files(cfg: RunConfig) -> None:
 
 
 def _validate_deepspeed(cfg: RunConfig, world_size: int) -> None:
-    from rf_megatron.zero import ds_config
-    from rf_megatron.zero.trainer import prepare_config
+    from rf_megatron.engines import deepspeed_config as ds_config
+    from rf_megatron.engines.deepspeed import prepare_config
 
     prepare_config(cfg, world_size)
     ds_config.resolve(cfg, world_size, cuda=True)  # the batch host may have no GPU: the ranks check that

@@ -75,7 +75,7 @@ def initial(data, tmp_path_factory):
     import shutil
 
     from rf_megatron.hf.export import write_model_files
-    from rf_megatron.zero.hf_model import build_fresh, hf_state
+    from rf_megatron.engines.deepspeed_model import build_fresh, hf_state
 
     out = {}
     for variant in MODELS:

@@ -42,7 +42,7 @@ def model(init):
 @pytest.mark.parametrize("init", ["megatron", "paper"])
 def test_both_engines_start_from_the_same_statistics(init, megatron_single_rank):
     from rf_megatron.model import build_model_chunks
-    from rf_megatron.zero.hf_model import build_fresh
+    from rf_megatron.engines.deepspeed_model import build_fresh
 
     cfg = model(init)
     torch.manual_seed(0)

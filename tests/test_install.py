@@ -49,3 +49,12 @@ def test_an_installed_package_carries_its_presets_and_runs_rf_train_anywhere(ins
     rows = [json.loads(line) for line in open(cwd / "runs" / "installed" / "metrics.jsonl")]
     assert [r["step"] for r in rows if "last_loss" in r] == [1, 2]
     assert (cwd / "runs" / "installed" / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
+
+
+def test_an_installed_package_holds_every_module_of_the_source_tree(installed):
+    """find_packages installs only folders with an __init__.py: a subpackage without one (the DeepSpeed engine's
+    `zero/` once) would be missing from a `pip install .` while every checkout-based test passed."""
+    def modules(root):
+        return sorted(str(p.relative_to(root)) for p in (root / "rf_megatron").rglob("*.py") if "__pycache__" not in p.parts)
+
+    assert modules(installed) == modules(REPO)

@@ -12,13 +12,13 @@ PACKAGE = REPO / "rf_megatron"
 LAYERS = {
     0: ("errors", "console", "value_residual_spec", "safe_checkpoint", "run_lock", "disk_space", "tokenizer", "indexed_data",
         "metrics", "run_summary", "launch", "ports", "quiet", "child_lifetime", "cpu_mode", "simulated_gpu",
-        "device_peak", "lazy_jit", "scored_bytes", "state", "plot_metrics", "__init__"),
+        "device_peak", "lazy_jit", "scored_bytes", "plot_metrics", "__init__"),
     1: ("config", "run_config", "device", "vocab", "data", "flops", "checkpoint_dir", "checkpoint_health", "signals",
         "single_process", "config_check", "v1_packing"),
     2: ("value_residual", "attention", "sdpa_attention", "layer", "norm", "specs", "model", "schedule",
         "grads", "distopt_fixes", "step_kernels", "build", "checkpointing"),
     3: ("hf.",),
-    4: ("training_loop", "resume", "trainer", "entry_point", "zero.", "scaling.", "cli."),
+    4: ("training_loop", "resume", "engines", "engines.", "entry_point", "scaling.", "analysis", "analysis.", "cli."),
 }
 
 

@@ -201,7 +201,7 @@ def test_lambdas_start_where_the_paper_starts_them(mode, init, megatron_single_r
     """Both trainers, either init (model.init touches weights only). identity, like the released ResFormer, has no
     parameter of its own: the same parameters as vanilla."""
     from rf_megatron.hf.weights import lambda_table
-    from rf_megatron.zero.hf_model import build_fresh
+    from rf_megatron.engines.deepspeed_model import build_fresh
 
     cfg = ours_config(init, variant="resformer", lambda_mode=mode, lambda_constant=LAMBDA_CONSTANT)
     megatron = megatron_model(init, SEED, variant="resformer", lambda_mode=mode, lambda_constant=LAMBDA_CONSTANT)
@@ -222,7 +222,7 @@ def test_lambdas_start_where_the_paper_starts_them(mode, init, megatron_single_r
 def test_the_deepspeed_model_is_the_released_init_bit_for_bit(variant, mode):
     """Same seed, same transformers: every weight the released model has is equal (the λ come on top, constants
     drawing no random numbers); its ResFormer has the vanilla Llama's parameters, drawn in the same order."""
-    from rf_megatron.zero.hf_model import build_fresh
+    from rf_megatron.engines.deepspeed_model import build_fresh
 
     reference = released_llama(SEED).state_dict()
     ours = build_fresh(ours_config("paper", variant=variant, lambda_mode=mode), seed=SEED).state_dict()

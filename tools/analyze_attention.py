@@ -39,7 +39,7 @@ def main(argv=None) -> int:
 
     from rf_megatron.config import ConfigError
     from rf_megatron.safe_checkpoint import UnsafeCheckpoint
-    from rf_megatron.scaling.attention_stats import analyse_checkpoint, plot, table
+    from rf_megatron.analysis.attention_stats import analyse_checkpoint, plot, table
     from rf_megatron.scaling.cli_common import write_json
     from rf_megatron.tokenizer import TokenizerError
 

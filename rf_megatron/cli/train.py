@@ -28,7 +28,7 @@ def main(argv=None) -> int:
         cfg = load_run_config(args.config, args.overrides)  # config errors come before the slow imports
         stop_if_finished(cfg)  # a finished run (a re-run sweep, a resubmitted job) ends here, as fast, on any layout
         cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # every problem of the config in one line
-        from ..trainer import Trainer
+        from ..engines.megatron import Trainer
 
         return Trainer(cfg)
 

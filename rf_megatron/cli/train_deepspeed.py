@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     def build():
         cfg = load_run_config(args.config, overrides)  # config errors come before the slow imports
         stop_if_finished(cfg)  # a finished run (a re-run sweep, a resubmitted job) ends here, as fast
-        from ..zero.trainer import DeepSpeedTrainer
+        from ..engines.deepspeed import DeepSpeedTrainer
 
         return DeepSpeedTrainer(cfg)
 

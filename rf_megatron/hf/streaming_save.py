@@ -44,7 +44,7 @@ def build_meta_model(model_cfg, params_dtype: str):
 
 @dataclass(frozen=True)
 class _Chunk:
-    name: str                  # the parameter's global name (rf_megatron.state)
+    name: str                  # the parameter's global name (its TP1 x PP1 name)
     offsets: Tuple[int, ...]   # where the chunk starts inside the full parameter
     shape: torch.Size         # the chunk inside the parameter
     stored: torch.Size        # the same, with the stacked layer axis (size 1) where the key has one

@@ -1,4 +1,4 @@
-"""Megatron (TP1 x PP1 global names, rf_megatron/state.py) <-> Hugging Face names and configs.
+"""Megatron (global parameter names: those of the TP1 x PP1 model) <-> Hugging Face names and configs.
 
 Megatron                                                 HF (Llama / RFGPT)
 embedding.word_embeddings.weight                         model.embed_tokens.weight
@@ -276,7 +276,7 @@ def layer_from_hf(i: int, take: Callable[[str], torch.Tensor], model: ModelConfi
 
 
 def hf_to_megatron(hf: Dict[str, torch.Tensor], model: ModelConfig) -> Dict[str, torch.Tensor]:
-    """HF state dict -> global Megatron state dict (rf_megatron.state names): the same rules, inverted. Every HF
+    """HF state dict -> global Megatron state dict (TP1 x PP1 names): the same rules, inverted. Every HF
     tensor must be used exactly once (on meta tensors: the importer's check of names and shapes)."""
     left = dict(hf)
     if not model.untie_embeddings_and_output_weights:

@@ -1,5 +1,5 @@
 """Scaling-law tooling for value-residual models: plan an IsoFLOP sweep, collect its runs, fit
-Chinchilla's laws, compare two families at equal loss, plot, and probe attention concentration.
+Chinchilla's laws, compare two families at equal loss, and plot (attention concentration: rf_megatron/analysis/).
 
 One idea per module:
 
@@ -12,7 +12,5 @@ One idea per module:
 - `fit`: Chinchilla approach 3, L(N, D) = E + A/N^alpha + B/D^beta, with bootstrap CIs;
 - `isoflop`: Chinchilla approach 2, parabolas per budget and N_opt / D_opt power laws;
 - `compare`: parameter / data / compute saving of family a over family b at equal loss;
-- `plots`: PNG figures (matplotlib, Agg);
-- `attention_stats`: attention entropy, first-token mass and hidden-state similarity per layer
-  of a Megatron checkpoint (the paper's "attention concentration" evidence).
+- `plots`: PNG figures (matplotlib, Agg).
 """

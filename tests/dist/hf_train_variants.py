@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 def _perturb(trainer) -> None:
     from rf_megatron.model import unwrap
-    from rf_megatron.state import named_global_parameters
+    from global_params import named_global_parameters
 
     with torch.no_grad():
         for chunk in trainer.model:
@@ -33,7 +33,7 @@ def _perturb(trainer) -> None:
 def main() -> int:
     out, variants, shared = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3:]
     from rf_megatron.run_config import load_run_config
-    from rf_megatron.trainer import Trainer
+    from rf_megatron.engines.megatron import Trainer
 
     trainer = None
     for name, extra in variants.items():

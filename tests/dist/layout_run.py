@@ -63,7 +63,7 @@ def run_variant(name, args, ps):
     from rf_megatron.build import build_model, build_optimizer
     from rf_megatron.config import ModelConfig, OptimConfig, ParallelConfig
     from rf_megatron.schedule import forward_backward
-    from rf_megatron.state import full_shape, gather_tp, load_full_weights, named_global_parameters
+    from global_params import full_shape, gather_tp, load_full_weights, named_global_parameters
 
     variant, _, backend = name.partition("@")
     backend, *options = backend.split("+")

@@ -1,7 +1,7 @@
 """Training the Hugging Face-format model with DeepSpeed ZeRO (stage 0-3), data parallel over every
 process, on the same data, schedule and metrics as the Megatron trainer.
 
-What is shared with `rf_megatron.trainer` (so that a run of each engine is comparable):
+What is shared with `rf_megatron.engines.megatron` (so that a run of each engine is comparable):
 the run config, the GPTDataset samples and their order (`MicrobatchStream`: global batch k is
 samples [k*G, (k+1)*G)), the loss (token mean per microbatch, averaged over microbatches and
 ranks), AdamW with Megatron's weight-decay grouping, Megatron's LR schedule object, gradient
@@ -29,12 +29,17 @@ import torch.nn.functional as F
 
 from ..checkpoint_dir import land_checkpoint, read_train_state
 from ..config import ConfigError
-from ..device import init_process_group, on_gpu, select_device, to_device
-from ..hf.weights import uses_remote_code
+from ..data import build_run_datasets, load_tokenizer
+from ..device import backend, init_process_group, on_gpu, select_device, to_device
+from ..flops import parameter_counts
+from ..hf.weights import lambda_table, uses_remote_code
+from ..ports import free_port
 from ..run_config import RunConfig
+from ..safe_checkpoint import UnsafeCheckpoint, safe_deepspeed_checkpoint_engine
 from ..training_loop import TrainingLoop, token_weighted_mean
-from . import ds_config
-from .hf_model import build_fresh, hf_config, hf_state, load_folder, param_groups, read_folder_config, save_folder
+from ..value_residual_spec import MODES
+from . import deepspeed_config as ds_config
+from .deepspeed_model import build_fresh, hf_config, hf_state, load_folder, param_groups, read_folder_config, save_folder
 
 
 def prepare_config(cfg: RunConfig, world_size: int) -> None:
@@ -67,8 +72,6 @@ def _init_distributed() -> None:
     if "MASTER_PORT" not in os.environ:
         if os.environ["WORLD_SIZE"] != "1":
             raise ConfigError("MASTER_PORT is not set: launch with torchrun, deepspeed or slurm/pretrain.sbatch")
-        from ..ports import free_port
-
         os.environ["MASTER_PORT"] = str(free_port())
     if not dist.is_initialized():
         init_process_group()  # after select_device: NCCL on cuda:LOCAL_RANK, else gloo
@@ -79,8 +82,6 @@ def _plain_gloo_on_cpu() -> None:
     shared-memory allreduce (deepspeed_shm_comm: ~2 min of every core, once per environment) to speed up CPU
     training. Our CPU runs stand in for GPU jobs: plain gloo, as Megatron's CPU path uses, is what they need
     (DeepSpeed keeps edits to this dict)."""
-    from ..device import backend
-
     if backend() == "gloo":
         import deepspeed.ops
 
@@ -92,9 +93,6 @@ class DeepSpeedTrainer(TrainingLoop):
     COLLECTIVE_SAVE = False  # each rank torch.saves its own files
 
     def __init__(self, cfg: RunConfig):
-        from ..data import build_run_datasets, load_tokenizer
-        from ..flops import parameter_counts
-
         super().__init__(cfg)
         self.device = select_device(megatron=False)  # DeepSpeed's own accelerator follows the same decision
         self.cuda = on_gpu()
@@ -125,8 +123,6 @@ class DeepSpeedTrainer(TrainingLoop):
                                       eps=o.adam_eps, weight_decay=o.weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                                                  config=self.ds_config)
-        from ..safe_checkpoint import safe_deepspeed_checkpoint_engine
-
         self.engine.checkpoint_engine = safe_deepspeed_checkpoint_engine()  # its files never run code on resume
         self.scheduler = build_scheduler(self.optimizer, o, t.train_steps)
         self.train_ds, self.valid_ds, self.test_ds = build_run_datasets(cfg, self.tokenizer, plan.skip_batches)
@@ -188,9 +184,6 @@ class DeepSpeedTrainer(TrainingLoop):
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def lambdas(self) -> Dict[str, float]:
-        from ..value_residual_spec import MODES
-        from ..hf.weights import lambda_table
-
         if self.cfg.model.variant != "resformer" or not MODES[self.cfg.model.lambda_mode].learnable:
             return {}
 
@@ -217,8 +210,6 @@ class DeepSpeedTrainer(TrainingLoop):
         return {"zero_stage": self.stage, "world_size": self.world}
 
     def load(self, path: Path) -> Dict:
-        from ..safe_checkpoint import UnsafeCheckpoint
-
         try:
             load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                                        load_lr_scheduler_states=False)

@@ -1,5 +1,5 @@
-"""The pretraining loop: Megatron-Core's pieces (DDP, (distributed) optimizer, param scheduler,
-pipeline schedules, dist_checkpointing, GPTDataset) wired into one lean trainer.
+"""The Megatron-Core engine: Megatron's pieces (DDP, (distributed) optimizer, param scheduler, pipeline schedules,
+dist_checkpointing, GPTDataset) behind TrainingLoop's engine contract (rf_megatron/training_loop.py).
 """
 from __future__ import annotations
 
@@ -10,17 +10,18 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from . import distopt_fixes, step_kernels
-from .build import build_model, build_optimizer, build_scheduler, init_parallel, wants_fused_adam
-from .checkpointing import load_checkpoint, save_checkpoint
-from .config import ConfigError
-from .data import build_run_datasets, chunk_iterators, load_tokenizer
-from .device import current_device, select_device, to_device
-from .flops import parameter_counts
-from .model import unwrap
-from .run_config import RunConfig
-from .schedule import forward_backward
-from .training_loop import TrainingLoop, token_weighted_mean
+from .. import distopt_fixes, step_kernels
+from ..build import build_model, build_optimizer, build_scheduler, init_parallel, wants_fused_adam
+from ..checkpoint_dir import older_hint
+from ..checkpointing import load_checkpoint, save_checkpoint
+from ..config import ConfigError
+from ..data import build_run_datasets, chunk_iterators, load_tokenizer
+from ..device import current_device, select_device, to_device
+from ..flops import parameter_counts
+from ..model import unwrap
+from ..run_config import RunConfig
+from ..schedule import forward_backward
+from ..training_loop import TrainingLoop, token_weighted_mean
 
 
 def _loss_func(loss_mask, output_tensor):
@@ -151,8 +152,7 @@ class Trainer(TrainingLoop):
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # a damaged checkpoint: one line, not a stack trace per rank (torch
-            from .checkpoint_dir import older_hint  # DCP's CheckpointException is a BaseException)
-
+            # DCP's CheckpointException is a BaseException)
             error = ConfigError(f"cannot load {path}: {type(exc).__name__}: "
                                 f"{(str(exc).strip().splitlines() or [''])[0][:300]}{older_hint(path.parent, before=path)}")
             error.every_rank = True

@@ -4,7 +4,7 @@ A parameter's *global name* is its name in the TP1 x PP1 model: pipeline stages 
 chunks renumber their local `decoder.layers.{i}` by each layer's global `layer_number`. Its *full
 tensor* concatenates the TP shards along `partition_dim` (Megatron's fused QKV rows are grouped
 per KV group, so contiguous dim-0 shards are whole groups). Tests use this to start every layout
-from the same weights and compare gradients; checkpoint conversion uses it to gather weights.
+from the same weights and compare gradients (the converters name parameters the same way, rf_megatron/hf/weights.py).
 """
 from __future__ import annotations
 
