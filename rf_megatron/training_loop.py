@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -19,11 +18,9 @@ import torch.distributed as dist
 import yaml
 
 from . import run_lock
-from .checkpoint_dir import iter_name, latest_checkpoint
-from .console import from_rank0
-from .data import MicrobatchStream, held_out_is_weighted
+from .checkpointer import Checkpointer, TrainingStopped  # noqa: F401  (TrainingStopped: re-exported)
+from .data import MicrobatchStream, build_run_datasets, held_out_is_weighted
 from .device_peak import peak_tflops
-from .disk_space import check_room, write_problem
 from .flops import parameter_counts, training_flops_per_token
 from .metrics import MetricsLogger
 from .resume import ResumeChecks, ResumePlan
@@ -39,24 +36,17 @@ def token_weighted_mean(stats) -> float:
     return (stats[0] / stats[1].clamp(min=1)).item()
 
 
-class TrainingStopped(RuntimeError):
-    """A NaN/Inf under nan_policy=stop: a clear message instead of a corrupted run."""
-
-
-class CheckpointNotSaved(TrainingStopped):
-    """A save that the disk refused (full, read-only): the run stops with the previous checkpoint intact."""
-
-
 class TrainingLoop(ResumeChecks):
     """The trainer skeleton. It owns the run's life: the finished-run check, finding and checking the checkpoint
     to resume, the resume bookkeeping (step, data position, rewinds, schedule notes), the training stream, the
     metrics, evaluation, the checkpoint cadence and save bookkeeping, logging and the run label.
 
     The engine contract, in this order in an engine's `__init__`:
-    1. `super().__init__(cfg)`; set `device` and `optimizer`, `scheduler` (what `current_lr` and the schedule read);
+    1. `super().__init__(cfg)`; set `device`, `tokenizer`, and `optimizer`, `scheduler` (what `current_lr` and the
+       schedule read);
     2. `plan = self.find_resume_checkpoint()` (a `ResumePlan`; the run lock is held from here);
-    3. set `train_ds`, `valid_ds`, `test_ds` with `plan.skip_batches` more training batches (a rewind skips them);
-    4. `self.resume(plan, log_writer)`: loads `plan.path` (through `load`) and starts the stream and the metrics;
+    3. `self.resume(plan, log_writer)`: builds the datasets (`plan.skip_batches` more training batches: a rewind
+       skips them), loads `plan.path` (through `load`) and starts the stream and the metrics;
     and implement the engine hooks below."""
 
     ENGINE = ""  # train_state.json's "engine" of this trainer's checkpoints
@@ -65,13 +55,12 @@ class TrainingLoop(ResumeChecks):
     def __init__(self, cfg) -> None:  # the entry point has said whether the run is finished (stop_if_finished)
         self.cfg = cfg
         self.started = time.time()  # the summary's wall time: start-up included
-        self.last_checkpoint: Optional[str] = None  # the newest checkpoint saved or resumed: the summary names it
         self.last_train_loss: Optional[float] = None
         self.last_eval: Optional[Tuple[float, int, bool]] = None  # validation (loss, tokens, whole set)
-        # set by the engine (the contract above): where tensors live, the optimizer and its LR schedule, the data
+        # set by the engine (the contract above): where tensors live, the tokenizer, the optimizer and its schedule
         self.device: Optional[torch.device] = None
-        self.optimizer = self.scheduler = None
-        self.train_ds = self.valid_ds = self.test_ds = None
+        self.tokenizer = self.optimizer = self.scheduler = None
+        self.train_ds = self.valid_ds = self.test_ds = None  # resume() builds them
 
     # --- engine hooks ---------------------------------------------------------------------------
     def train_step(self) -> Tuple[float, float, bool]:
@@ -118,20 +107,22 @@ class TrainingLoop(ResumeChecks):
 
     # --- the skeleton -------------------------------------------------------------------------------
     def resume(self, plan: ResumePlan, log_writer: bool) -> None:
-        """Continue as `plan` says (its path None: a fresh run): the step, the data position (after a rewind's
-        skip), the training stream, the run's config.yaml and metrics."""
+        """Continue as `plan` says (its path None: a fresh run): the datasets, the step, the data position (after a
+        rewind's skip), the training stream, the run's config.yaml and metrics."""
         t, path = self.cfg.train, plan.path
         self.run_id = plan.run_id
+        self.train_ds, self.valid_ds, self.test_ds = build_run_datasets(self.cfg, self.tokenizer, plan.skip_batches)
         if dist.get_rank() == 0:
             save_yaml(self.cfg, os.path.join(self.cfg.logging.dir, "config.yaml"))
         self._print(f"writing to {self.cfg.logging.dir} (metrics.jsonl, config.yaml), checkpoints "
                     + (f"to {self.cfg.checkpoint.dir}" if self.cfg.checkpoint.dir else "off (checkpoint.dir=null)"))
-        self.step, consumed, self._saved_step = 0, 0, None  # _saved_step: whose checkpoint exists (no double saves)
+        self.checkpointer = Checkpointer(self.cfg.checkpoint.dir, self.write_checkpoint, self.health,
+                                         self.COLLECTIVE_SAVE, self._print)
+        self.step, consumed = 0, 0
         if path is not None:
             state = self.load(path)
             self.step, consumed = state["step"], state["consumed_samples"]
-            self._saved_step = self.step
-            self.last_checkpoint = str(path)
+            self.checkpointer.resumed(path, self.step)
             self._print(f"resumed from {path} at step {self.step} ({consumed} samples consumed)"
                         + ("; weights only (an HF import): a fresh optimizer and LR schedule"
                            if state.get("weights_only") else ""))
@@ -141,7 +132,7 @@ class TrainingLoop(ResumeChecks):
                                        **self.data_parallel())
         self.metrics = MetricsLogger(self.cfg.logging.dir, self.cfg.name, to_dict(self.cfg), log_writer,
                                      self.cfg.logging.wandb_project, self.cfg.logging.tensorboard,
-                                     resume_step=self._saved_step)
+                                     resume_step=self.checkpointer.saved_step)
         self.flops_per_token = training_flops_per_token(self.cfg.model)
 
     def run_label(self) -> str:
@@ -174,63 +165,13 @@ class TrainingLoop(ResumeChecks):
                 "health": self.health.window_record()}
 
     def checkpoint(self) -> None:
-        """The checkpoint of this step (once per step) in checkpoint.dir, if set: the disk checks, the engine's
-        `write_checkpoint` (which lands it: checkpoint_dir.land_checkpoint), and the new checkpoint waits for the
-        next step's verdict on its health."""
-        ckpt = self.cfg.checkpoint
-        if not ckpt.dir or self._saved_step == self.step:
-            return
-        self._saved_step = self.step
-        root = Path(ckpt.dir)
-        self._check_room(root)
-        try:
-            path = self.write_checkpoint(root, self.train_state())
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # torch DCP's CheckpointException is a BaseException
-            self._disk_problem(exc, root)
-            raise
-        self.last_checkpoint = str(path)
-        self._print(f"saved checkpoint {path}")
-        self.health.saved(path.name)
-
-    def _check_room(self, root: Path) -> None:
-        """Refuse a save that cannot fit (the last checkpoint's size is known) before writing anything. Rank 0
-        looks and says; every rank stops."""
-        message = None
-        if dist.get_rank() == 0:
-            kept = _latest_or_none(root)
-            try:
-                problem = check_room(root, kept)
-            except OSError:  # the last checkpoint changed under us: nothing to estimate from
-                problem = None
-            if problem:
-                message = f"{problem}: step {self.step} was not saved; {_kept_line(kept)}"
-        message = from_rank0(message)
-        if message:
-            raise CheckpointNotSaved(message)
-
-    def _disk_problem(self, exc: BaseException, root: Path) -> None:
-        """A save that failed on a full or read-only disk: remove what it wrote, raise one line (else return)."""
-        problem = write_problem(exc, root)
-        if problem is None:
-            return
-        name, kept = iter_name(self.step), _latest_or_none(root)
-        removed = []
-        for partial in (root / f"{name}.tmp", root / name):
-            if partial.exists() and partial != kept:
-                shutil.rmtree(partial, ignore_errors=True)
-                removed.append(partial.name)
-        error = CheckpointNotSaved(f"{problem}: step {self.step} was not saved"
-                                   + (f" (its partial {', '.join(removed)} removed)" if removed else "")
-                                   + f"; {_kept_line(kept)}")
-        error.every_rank = not self.COLLECTIVE_SAVE  # a rank-local write failed on this rank alone
-        raise error from None
+        """The checkpoint of this step (once per step) in checkpoint.dir, if set (rf_megatron/checkpointer.py)."""
+        self.checkpointer.save(self.step, self.train_state)
 
     def closing_summary(self, result: Dict) -> str:
         """The lines a run ends with (rf_megatron/run_summary.py), from what this process saw."""
         outcome = {"step": self.step, "tokens": self.stream.consumed_samples * self.cfg.model.seq_length,
-                   "train_loss": self.last_train_loss, "checkpoint": self.last_checkpoint,
+                   "train_loss": self.last_train_loss, "checkpoint": self.checkpointer.last,
                    "stopped": result.get("stopped")}
         if self.last_eval is not None:
             outcome.update(zip(("valid_loss", "valid_tokens", "valid_whole"), self.last_eval))
@@ -376,20 +317,6 @@ class TrainingLoop(ResumeChecks):
     def _log_test(self) -> Dict[str, float]:
         """The test set, scored once at the end (Megatron-LM's do_test)."""
         return {"test_loss": self._log_eval("test", final=True)} if getattr(self, "test_ds", None) is not None else {}
-
-
-def _latest_or_none(root: Path) -> Optional[Path]:
-    """The checkpoint `latest` names, or None (none yet, or a damaged pointer: the resume checks say what is wrong)."""
-    try:
-        return latest_checkpoint(root)
-    except Exception:
-        return None
-
-
-def _kept_line(kept: Optional[Path]) -> str:
-    if kept is None:
-        return "there is no earlier checkpoint"
-    return f"{kept.name} is kept: make room and rerun the same command to resume from it"
 
 
 def _peak_memory() -> Dict[str, float]:

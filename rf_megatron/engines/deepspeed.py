@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..checkpoint_dir import land_checkpoint, read_train_state
 from ..config import ConfigError
-from ..data import build_run_datasets, load_tokenizer
+from ..data import load_tokenizer
 from ..device import backend, init_process_group, on_gpu, select_device, to_device
 from ..flops import parameter_counts
 from ..hf.weights import lambda_table, uses_remote_code
@@ -125,7 +125,6 @@ class DeepSpeedTrainer(TrainingLoop):
                                                                  config=self.ds_config)
         self.engine.checkpoint_engine = safe_deepspeed_checkpoint_engine()  # its files never run code on resume
         self.scheduler = build_scheduler(self.optimizer, o, t.train_steps)
-        self.train_ds, self.valid_ds, self.test_ds = build_run_datasets(cfg, self.tokenizer, plan.skip_batches)
         self.resume(plan, log_writer=self.rank == 0)
         if cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel > 1:
             self._print(f"note: parallel.* (TP{cfg.parallel.tensor_parallel} x PP{cfg.parallel.pipeline_parallel}) "

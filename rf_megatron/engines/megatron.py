@@ -9,13 +9,14 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 import yaml
+from megatron.core import parallel_state as ps
 
 from .. import distopt_fixes, step_kernels
 from ..build import build_model, build_optimizer, build_scheduler, init_parallel, wants_fused_adam
 from ..checkpoint_dir import older_hint
 from ..checkpointing import load_checkpoint, save_checkpoint
 from ..config import ConfigError
-from ..data import build_run_datasets, chunk_iterators, load_tokenizer
+from ..data import chunk_iterators, load_tokenizer
 from ..device import current_device, select_device, to_device
 from ..flops import parameter_counts
 from ..model import unwrap
@@ -41,8 +42,6 @@ def _forward_step(data_iterator, model):
 
 def holds_the_loss() -> bool:
     """The last pipeline stage's TP rank 0 holds the losses (one copy per data-parallel replica)."""
-    from megatron.core import parallel_state as ps
-
     return ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
 
 
@@ -67,15 +66,12 @@ class Trainer(TrainingLoop):
         self.tokenizer = load_tokenizer(cfg)
         init_parallel(cfg.parallel, seed=cfg.train.seed)
         distopt_fixes.apply_if_needed()
-        from megatron.core import parallel_state as ps
-
         self.ps = ps
         torch.manual_seed(cfg.train.seed)
         self.model, self.config = build_model(cfg.model, cfg.parallel)
         self.optimizer = build_optimizer(self.model, cfg.optim, cfg.parallel)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.train_steps)
         plan = self.find_resume_checkpoint()
-        self.train_ds, self.valid_ds, self.test_ds = build_run_datasets(cfg, self.tokenizer, plan.skip_batches)
         self.resume(plan, log_writer=holds_the_loss() and ps.get_data_parallel_rank() == 0)
         counts = parameter_counts(cfg.model)
         self._print(f"{self.run_label()} ({counts.non_embedding / 1e6:.2f}M non-embedding), "
