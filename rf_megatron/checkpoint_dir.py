@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from .config import ConfigError
-from .console import is_rank0  # noqa: F401  (re-exported)
+from .console import from_rank0, is_rank0  # noqa: F401  (is_rank0: re-exported)
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -165,34 +165,62 @@ def land_checkpoint(root, step: int, write_shards: Callable[[Path], None], run_c
     checkpoint is whole, so a crash or kill at any point resumes from the previous `latest`.
     1. rank 0 removes what crashed saves left (`iter_*.tmp`) and makes `iter_N.tmp`;
     2. every rank writes its share into it: `write_shards(tmp)` (Megatron's DCP shards, DeepSpeed's files);
-    3. rank 0 adds run_config.yaml and train_state.json; every rank hashes its share into the manifest;
-    4. rank 0 renames it to `iter_N` (replacing an older copy of that step) and points `latest` at it (commit).
-    Returns the checkpoint's path."""
+    3. rank 0 adds run_config.yaml and train_state.json; every rank hashes its share of the files;
+    4. rank 0 writes the manifest, renames `iter_N.tmp` to `iter_N` (replacing an older copy of that step) and
+       points `latest` at it (commit).
+    A disk error in rank 0's steps is raised on every rank (`_on_rank0`). Returns the checkpoint's path."""
     import torch.distributed as dist
 
     root, name = Path(root), iter_name(step)
     final, tmp = root / name, root / f"{name}.tmp"
-    rank0 = is_rank0()
-    if rank0:
+
+    def make_tmp() -> None:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob("iter_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+            shutil.rmtree(stale, ignore_errors=stale != tmp)  # ours must go: its old files would mix in
         tmp.mkdir()
-    dist.barrier()
-    write_shards(tmp)
-    dist.barrier()
-    if rank0:
+
+    def write_records() -> None:
         (tmp / "run_config.yaml").write_text(run_config_yaml)
         (tmp / "train_state.json").write_text(json.dumps({**train_state, "step": step}))
-    dist.barrier()
-    write_manifest(tmp)  # every rank hashes its share; rank 0 writes it last
-    if rank0:
+
+    def publish(files: Dict) -> None:
+        _write_manifest_file(tmp, files)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
         commit(root, name, keep_last)
+
+    _on_rank0(make_tmp)
+    write_shards(tmp)
     dist.barrier()
+    _on_rank0(write_records)
+    files = _hash_shares(tmp)
+    _on_rank0(lambda: publish(files))
     return final
+
+
+def _on_rank0(action: Callable[[], None]) -> None:
+    """`action` on rank 0; an OSError it raises is raised on every rank (the others would otherwise wait at the next
+    collective until the job's timeout). Every rank leaves together."""
+    error = None
+    if is_rank0():
+        try:
+            action()
+        except OSError as exc:
+            error = exc
+    error = from_rank0(error)
+    if error is None:
+        _barrier()
+    else:
+        raise error
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def commit(root: Path, name: str, keep_last: int) -> None:
@@ -269,14 +297,22 @@ def _gather(part: Dict) -> Dict:
 def write_manifest(path: Path) -> None:
     """Hash the checkpoint's files (every rank its share) and write manifest.json (rank 0, last). Call on
     every rank once all files are written."""
-    path = Path(path)
+    files = _hash_shares(Path(path))
+    if is_rank0():
+        _write_manifest_file(Path(path), files)
+
+
+def _hash_shares(path: Path) -> Dict:
+    """{file: size and sha256} of every file under `path`: each rank hashes its share, every rank gets all."""
     mine = {name: {"bytes": (path / name).stat().st_size, "sha256": file_digest(path / name)}
             for name in _my_share(checkpoint_files(path))}
-    files = _gather(mine)
-    if is_rank0():
-        tmp = path / f"{MANIFEST}.tmp"
-        tmp.write_text(json.dumps({"files": dict(sorted(files.items()))}, indent=1))
-        tmp.replace(path / MANIFEST)
+    return _gather(mine)
+
+
+def _write_manifest_file(path: Path, files: Dict) -> None:
+    tmp = path / f"{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"files": dict(sorted(files.items()))}, indent=1))
+    tmp.replace(path / MANIFEST)
 
 
 def verify_checkpoint(path: Path) -> Optional[str]:

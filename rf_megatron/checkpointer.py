@@ -76,12 +76,11 @@ class Checkpointer:
         problem = write_problem(exc, self.root)
         if problem is None:
             return
-        name, kept = iter_name(step), _latest_or_none(self.root)
+        partial, kept = self.root / f"{iter_name(step)}.tmp", _latest_or_none(self.root)
         removed = []
-        for partial in (self.root / f"{name}.tmp", self.root / name):
-            if partial.exists() and partial != kept:
-                shutil.rmtree(partial, ignore_errors=True)
-                removed.append(partial.name)
+        if partial.exists():  # land_checkpoint writes only there until the checkpoint is whole
+            shutil.rmtree(partial, ignore_errors=True)
+            removed.append(partial.name)
         error = CheckpointNotSaved(f"{problem}: step {step} was not saved"
                                    + (f" (its partial {', '.join(removed)} removed)" if removed else "")
                                    + f"; {_kept_line(kept)}")

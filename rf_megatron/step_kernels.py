@@ -23,8 +23,8 @@ def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     tensors' device, None)."""
     tensors = tensor_lists[0]
     if not tensors:
-        return torch.zeros(1, dtype=torch.float), None
-    norms = torch.stack([n.float() for n in torch._foreach_norm(tensors)])
+        return torch.zeros(1, dtype=torch.float), None  # Megatron never asks (it checks for an empty list first)
+    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))  # accumulated in fp32, as Apex does
     return torch.linalg.vector_norm(norms).reshape(1), None
 
 

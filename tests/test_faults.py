@@ -702,3 +702,28 @@ def test_data_tokenized_with_another_tokenizer_is_refused_and_unrecorded_data_wa
         shutil.copy(f"{data / 'corpus'}{suffix}", f"{tmp_path / 'unrecorded'}{suffix}")
     check_data([str(tmp_path / "unrecorded")], 384, own)
     assert "has no unrecorded.tokenizer.json" in capsys.readouterr().out
+
+
+def test_a_disk_error_in_rank_0s_part_of_a_save_reaches_every_rank_instead_of_hanging_them(tmp_path):
+    """run_config.yaml and train_state.json are rank 0's to write, after every rank's shards: on a 64 kB tmpfs a
+    large run_config.yaml fails there alone. Every rank must raise it (the trainer then says one line); before, the
+    other rank waited at the next barrier and died there with the collective's own error once rank 0 exited (NCCL
+    can wait until its timeout instead). Nothing is committed."""
+    import errno
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    root = mount / "ckpt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+               "--master-addr=127.0.0.1", REPO / "tests" / "dist" / "land_checkpoint_run.py", root,
+               "--config-bytes", 200_000]
+    try:
+        proc = in_mount_namespace(f'mount -t tmpfs -o size=64k tmpfs "{mount}"', ["timeout", "120", *command],
+                                  tmp_path, listing=mount, env={**train_env(), "PYTHONPATH": str(REPO)})
+    except subprocess.TimeoutExpired:
+        pytest.fail("a rank hung after rank 0's write failed")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
+    assert lines == [f"rank 0: OSError {errno.ENOSPC}", f"rank 1: OSError {errno.ENOSPC}"], proc.stdout
+    listing = (tmp_path / "listing.txt").read_text()
+    assert "latest" not in listing and "/ckpt/iter_0000001\n" not in listing, listing
