@@ -5,14 +5,20 @@
     python bench/quality.py --budget flops          # equal training FLOPs instead of equal tokens
     python bench/quality.py --size small --jobs 8 --data PREFIX --tokenizer MODEL   # a GPU node
     python bench/quality.py --data PREFIX --valid HELDOUT --tokenizer MODEL --init paper   # a held-out set of yours
+    python bench/quality.py --size resformer_82m --variants vanilla identity svformer --seeds 1 --minutes 2.5 \
+        --data data/english/train --valid data/english/valid --tokenizer data/english/tok.model   # one GPU
 
 Each (variant, seed) is one single-process run of pretrain/pretrain_resformer.py with identical settings but for
 the variant; the seed sets both the init and the data order; the validation set (held-out documents: data.split's
 5%, or all of --valid's) is the same for every run and scored whole (train.eval_full). Bits/byte divides the bits
 of exactly the scored tokens by the UTF-8 bytes those tokens decode to (rf_megatron/scored_bytes.py). No token is
 seen twice: the tiny default trains 150 steps (0.18 of a pass over Shakespeare, what fits 30 min on 2 CPU cores),
-larger sizes one pass (--epochs). The table gives the mean final validation loss (nats/token and bits/byte), the
-difference to vanilla with a 95% t interval paired by seed, tokens/s and parameters; then the learnable lambdas
+larger sizes one pass (--epochs), or what fits --minutes of training per run at the size's tokens/s. The
+resformer_82m size is the GPU preset (tests/gpu/device_check.sh runs it with RF_CHECK_QUALITY=1): the paper's 82M
+shape (rf_megatron/presets/resformer_82m.yaml), bf16, on the English corpus tools/build_english_corpus.py builds
+(tests/gpu/README.md). --plan prints every run's settings and stops before training. The table gives the mean
+final validation loss (nats/token and bits/byte), the difference to vanilla with a 95% t interval paired by seed,
+tokens/s and parameters; then the learnable lambdas
 and the attention concentration (tools/analyze_attention.py's metrics) of each variant's seed-0 model. Writes
 OUT/report.md, OUT/results.json, OUT/valid_curves.png, OUT/lambdas.png and OUT/attention/.
 """
@@ -44,7 +50,20 @@ VARIANTS = {
     "sparse": {"model.variant": "resformer", "model.lambda_mode": "sparse"},
     "svformer": {"model.variant": "svformer"},
 }
-SIZES = {  # model and batch; the learning rate is the same for every variant
+
+
+def preset_shape(name: str) -> dict:
+    """A preset's model shape (rf_megatron/presets/NAME.yaml), so the GPU size trains what the preset names."""
+    import yaml
+
+    model = yaml.safe_load((REPO / "rf_megatron" / "presets" / f"{name}.yaml").read_text())["model"]
+    return {f"model.{k}": model[k] for k in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                                             "seq_length")}
+
+
+# Model and batch (keys with a dot are run config); the learning rate is the same for every variant. tokens_per_s:
+# a training speed, for --minutes; jobs: runs at a time by default.
+SIZES = {
     "tiny": {"default_steps": 150,  # 0.18 of Shakespeare's training tokens: 21 runs fit 30 min on 2 CPU cores
              "model.num_layers": 6, "model.hidden_size": 128, "model.num_attention_heads": 4,
              "model.ffn_hidden_size": 352, "model.seq_length": 128, "train.global_batch_size": 16,
@@ -53,6 +72,12 @@ SIZES = {  # model and batch; the learning rate is the same for every variant
               "model.num_layers": 12, "model.hidden_size": 512, "model.num_attention_heads": 8,
               "model.ffn_hidden_size": 1408, "model.seq_length": 512, "train.global_batch_size": 64,
               "train.micro_batch_size": 8, "optim.lr": 1e-3, "optim.min_lr": 1e-4},
+    # one H200: the 82M shape in bf16, 32 x 2048 = 65,536 tokens a step; 160k tokens/s is below the 168k that
+    # tests/gpu/README.md measured at this shape with a 50,304 vocabulary (the English corpus' is 16,384), so
+    # --minutes errs short
+    "resformer_82m": {"default_steps": None, "tokens_per_s": 160_000, "jobs": 1, **preset_shape("resformer_82m"),
+                      "parallel.params_dtype": "bf16", "train.global_batch_size": 32, "train.micro_batch_size": 16,
+                      "optim.lr": 1e-3, "optim.min_lr": 1e-4},
 }
 DEFAULT_DATA = REPO / "data" / "shakespeare_text_document"
 DEFAULT_TOKENIZER = REPO / "data" / "shakespeare_tok.model"
@@ -245,9 +270,13 @@ def main(argv=None) -> int:
                    help="equal training tokens, or equal training FLOPs (steps scaled by vanilla's FLOPs/token)")
     p.add_argument("--epochs", type=float, help="passes over the training tokens (vanilla's budget; default: the "
                                                 "size's steps, or one pass)")
-    p.add_argument("--steps", type=int, help="vanilla's steps (overrides --epochs)")
+    p.add_argument("--steps", type=int, help="vanilla's steps (overrides --minutes and --epochs)")
+    p.add_argument("--minutes", type=float, help="vanilla's steps: what fits this many minutes of training per run "
+                                                 "at --tokens-per-s (overrides --epochs)")
+    p.add_argument("--tokens-per-s", type=float, help="training speed for --minutes (default: the size's figure; "
+                                                      "resformer_82m: 160,000)")
     p.add_argument("--evals", type=int, default=3, help="validation points per run (the last at the end)")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one process each)")
+    p.add_argument("--jobs", type=int, help="runs at a time (one process each; default 2, 1 for resformer_82m)")
     p.add_argument("--data", help="indexed dataset prefix (default: Shakespeare, prepared if missing)")
     p.add_argument("--valid", help="indexed dataset prefix of a held-out set of your own, scored whole (default: "
                                    "data.split's 5%% of --data); --data is then trained on whole")
@@ -260,7 +289,20 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="*", default=[], help="more run config overrides, key=value, for every run")
     p.add_argument("--out", default=str(REPO / "runs" / "quality"))
     p.add_argument("--no-attention", dest="attention", action="store_false")
+    p.add_argument("--plan", action="store_true", help="print every run's settings, write OUT/plan.json, train nothing")
     a = p.parse_args(argv)
+    for flag, path in (("--data", a.data), ("--valid", a.valid)):
+        if path and not Path(f"{path}.idx").is_file():
+            raise SystemExit(f"error: {flag} {path}: no {path}.idx (an indexed dataset prefix; the English corpus: "
+                             "python tools/build_english_corpus.py)")
+    for flag, path in (("--tokenizer", a.tokenizer), ("--text-jsonl", a.text_jsonl)):
+        if path and not Path(path).is_file():
+            raise SystemExit(f"error: {flag} {path}: no such file")
+    speed = a.tokens_per_s or SIZES[a.size].get("tokens_per_s")
+    if a.minutes is not None and not (a.minutes > 0 and speed):
+        raise SystemExit(f"error: --minutes {a.minutes}: needs minutes > 0 and a training speed (--tokens-per-s; "
+                         f"size {a.size} has none of its own)")
+    at_a_time = a.jobs or SIZES[a.size].get("jobs", 2)
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if a.data is None:
@@ -274,25 +316,32 @@ def main(argv=None) -> int:
     from rf_megatron.flops import parameter_counts, training_flops_per_token
     from rf_megatron.quiet import silence_known_warnings
     from rf_megatron.tokenizer import SentencePieceTokenizer
+    from rf_megatron.vocab import padded_vocab_size
 
     silence_known_warnings()
     sp = SentencePieceTokenizer(tokenizer)
 
-    size = {k: v for k, v in SIZES[a.size].items() if k != "default_steps"}
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in a.set)}
+    size = {**{k: v for k, v in SIZES[a.size].items() if "." in k}, **overrides}  # run config keys only
     tokens = corpus_tokens(data)
     per_step = size["train.global_batch_size"] * size["model.seq_length"]
     share = 1.0 if valid else 0.95  # of the tokens, training's
-    steps = a.steps or (round(a.epochs * share * tokens / per_step) if a.epochs else SIZES[a.size]["default_steps"]
-                        or round(share * tokens / per_step))
+    if a.steps:
+        steps = a.steps
+    elif a.minutes is not None:
+        steps = round(a.minutes * 60 * speed / per_step)
+    else:
+        steps = (round(a.epochs * share * tokens / per_step) if a.epochs else SIZES[a.size]["default_steps"]
+                 or round(share * tokens / per_step))
     steps = max(steps, 2)
-    base = {**size, "model.vocab_size": 4096, "data.paths": f"[{data}]", "data.tokenizer_model": tokenizer,
+    vocab = padded_vocab_size(sp.vocab_size, 128, 1)  # the tokenizer's, as a run with model.vocab_size=null takes
+    base = {**size, "model.vocab_size": vocab, "data.paths": f"[{data}]", "data.tokenizer_model": tokenizer,
             "data.split": "100,0,0" if valid else "95,5,0", "data.cache_dir": out / "cache",
             **({"data.valid_paths": f"[{valid}]"} if valid else {}), "model.init": a.init,
             "parallel.tensor_parallel": 1,
             "train.eval_full": True, "train.lambda_log_interval": max(1, steps // 20), "train.log_interval": 10,
             "optim.lr_warmup_steps": max(1, steps // 20), "logging.wandb_project": "null",
-            "checkpoint.save_interval": 0, "checkpoint.keep_last": 1,
-            **{k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in a.set)}}
+            "checkpoint.save_interval": 0, "checkpoint.keep_last": 1, **overrides}
     heldout_part = held_out_part(base)
     heldout = held_out_text(jsonl, *heldout_part, sp)  # refuses a foreign --text-jsonl before any training
     flops = {name: training_flops_per_token(model_config({**base, **VARIANTS[name]})) for name in a.variants}
@@ -302,10 +351,24 @@ def main(argv=None) -> int:
         plan[name] = {**base, **VARIANTS[name], "train.train_steps": n, "train.eval_interval": max(1, n // a.evals)}
     print(f"{a.size}: {tokens:,} corpus tokens, {per_step} tokens/step, {steps} steps (vanilla; "
           f"{steps * per_step / (share * tokens):.2f} epochs), init {a.init}, {len(a.variants)} variants x "
-          f"{a.seeds} seeds, equal {a.budget}, {a.jobs} at a time -> {out}", flush=True)
+          f"{a.seeds} seeds, equal {a.budget}, {at_a_time} at a time -> {out}", flush=True)
+    if speed:
+        print(f"at {speed:,.0f} tokens/s ({'--tokens-per-s' if a.tokens_per_s else f'the {a.size} figure'}): about "
+              f"{steps * per_step / speed / 60:.1f} min of training per run, {a.seeds * len(a.variants)} runs "
+              f"{at_a_time} at a time, plus start-up and evaluation", flush=True)
+    if a.plan:
+        plans = {k: {kk: str(vv) for kk, vv in v.items()} for k, v in plan.items()}
+        (out / "plan.json").write_text(json.dumps({"size": a.size, "steps": steps, "tokens_per_step": per_step,
+                                                   "tokens_per_s": speed, "corpus_tokens": tokens, "plan": plans},
+                                                  indent=1))
+        for name in a.variants:
+            print(f"  {name}: " + " ".join(f"{k}={v}" for k, v in plan[name].items()))
+        print(f"wrote {out / 'plan.json'} (--plan: nothing trained)")
+        return 0
+    begin = time.monotonic()
 
     jobs = [(name, seed) for seed in range(a.seeds) for name in a.variants]
-    with ThreadPoolExecutor(a.jobs) as pool:
+    with ThreadPoolExecutor(at_a_time) as pool:
         dirs = list(pool.map(lambda job: run_one(*job, plan[job[0]], out, lambda m: print(m, flush=True)), jobs))
     run_dirs = {name: [d for (n, _), d in zip(jobs, dirs) if n == name] for name in a.variants}
     results = {name: [read_run(d) for d in run_dirs[name]] for name in a.variants}
@@ -338,8 +401,9 @@ def main(argv=None) -> int:
         s = summary[name]
         lines.append(f"| {name} | {s['params']:,} | {s['steps']} | {mean:.4f} +- {_sd(finals):.4f} | "
                      + (f"{s['bits_per_byte']:.4f}" if bpt else "-") + " | "
-                     + (f"{diff:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}] ({100 * diff / summary['vanilla']['mean']:+.2f}%)"
-                        if diff is not None else "-")
+                     + ("-" if diff is None else f"{diff:+.4f} "
+                        + (f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if a.seeds > 1 else "[one seed: no interval]")
+                        + f" ({100 * diff / summary['vanilla']['mean']:+.2f}%)")
                      + f" | {s['tokens_per_s']:,.0f} | "
                      + (f"{s['attn_entropy_norm']:.3f} | {s['first_token_mass']:.3f} |" if name in concentration
                         else "- | - |"))
@@ -353,7 +417,7 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps({"summary": summary, "scored": scored, "plan": plans}, indent=1))
     print(report)
     print(f"wrote {out / 'report.md'}, results.json, valid_curves.png, lambdas.png"
-          + (", attention/" if concentration else ""))
+          + (", attention/" if concentration else "") + f" ({(time.monotonic() - begin) / 60:.1f} min)")
     return 0
 
 

@@ -99,3 +99,43 @@ def test_two_seeds_of_two_variants_give_a_paired_table_curves_lambdas_and_attent
     assert any("lambda1/layer2" in row for row in metrics)
     last = json.loads((corpus / "heldout.jsonl").read_text().splitlines()[-1])["text"]
     assert (out / "heldout.txt").read_text() == last  # the attention text: the held-out set's last document
+
+
+def test_the_gpu_preset_plans_the_82m_shape_in_bf16_for_its_minutes(corpus, tmp_path):
+    """--size resformer_82m (tests/gpu/device_check.sh, RF_CHECK_QUALITY): the preset's shape in bf16, the tokenizer's
+    vocabulary (not the preset's 50,304: a smaller one would index past it), one run at a time, and --minutes
+    turned into steps at the size's tokens/s; --plan trains nothing."""
+    import yaml
+
+    out = tmp_path / "quality"
+    args = [sys.executable, str(BENCH), "--size", "resformer_82m", "--variants", "vanilla", "identity", "svformer",
+            "--seeds", "1", "--minutes", "2", "--data", corpus / "corpus", "--valid", corpus / "heldout",
+            "--tokenizer", corpus / "tok.model", "--text-jsonl", corpus / "heldout.jsonl", "--plan", "--out", out]
+    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    plan = json.loads((out / "plan.json").read_text())
+    shape = yaml.safe_load((REPO / "rf_megatron" / "presets" / "resformer_82m.yaml").read_text())["model"]
+    per_step = 32 * shape["seq_length"]
+    assert plan["tokens_per_step"] == per_step and plan["steps"] == round(2 * 60 * plan["tokens_per_s"] / per_step)
+    for name in ("vanilla", "identity", "svformer"):
+        run = plan["plan"][name]
+        assert {k: run[f"model.{k}"] for k in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                                               "seq_length")} == {k: str(shape[k]) for k in (
+            "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length")}
+        assert run["parallel.params_dtype"] == "bf16" and run["model.vocab_size"] == "384"  # 300 pieces, padded
+        assert run["train.train_steps"] == str(plan["steps"]) and run["data.valid_paths"] == f"[{corpus / 'heldout'}]"
+    assert plan["plan"]["svformer"]["model.variant"] == "svformer"
+    assert "1 at a time" in proc.stdout and not (out / "runs").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--size", "tiny", "--minutes", "1"], "error: --minutes 1.0: needs minutes > 0 and a training speed "
+                                           "(--tokens-per-s; size tiny has none of its own)"),
+    (["--data", "/nonexistent/english/train"], "error: --data /nonexistent/english/train: no "
+                                               "/nonexistent/english/train.idx (an indexed dataset prefix; the "
+                                               "English corpus: python tools/build_english_corpus.py)"),
+])
+def test_a_preset_it_cannot_run_is_one_line(args, message, tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH), *args, "--out", str(tmp_path / "q")], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip() == message and "Traceback" not in proc.stderr

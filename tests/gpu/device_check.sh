@@ -11,6 +11,11 @@
 #      and SVFormer at the resformer_82m shape (seq 2048) through the real entry point
 #   4. one table: tokens/s (and relative to vanilla), MFU, TFLOP/s, peak memory, final train / validation loss
 #   5. bench/value_residual_overhead.py at that shape: step time of each variant relative to vanilla, alternating
+#   6. RF_CHECK_QUALITY=1 (after the steps above) or =only (instead of 1b-5): bench/quality.py's GPU preset, vanilla /
+#      ResFormer identity / SVFormer x RF_CHECK_QUALITY_SEEDS (1) at the resformer_82m shape in bf16, what fits
+#      RF_CHECK_QUALITY_MINUTES (2) of training each, on the English corpus in RF_CHECK_QUALITY_DATA (data/english:
+#      tools/build_english_corpus.py, carried), the held-out set scored whole; RF_CHECK_QUALITY_ARGS is appended.
+#      About 8.5 minutes with =only (tests/gpu/README.md)
 # RF_CHECK_OVERRIDES="key=value ..." is appended to every training command (e.g. parallel.fusions=false).
 # DRY_RUN=1 does all of it on a CPU machine: the simulated GPU (RF_MEGATRON_CPU=simulate-gpu), a tiny shape, 2 steps.
 #   bash tests/gpu/device_check.sh            RF_CHECK_OUT=DIR also copies the logs there (device_check_logs.tgz)
@@ -21,6 +26,9 @@ PY=${PYTHON:-python3}
 WHEELS=${RF_GPU_WHEELS:-$REPO/tests/gpu/wheels}
 WORK=${RF_CHECK_DIR:-/tmp/rf-device-check}
 DRY=${DRY_RUN:-0}
+QUALITY=${RF_CHECK_QUALITY:-0}
+case "$QUALITY" in 0|1|only) ;; *) echo "error: RF_CHECK_QUALITY=$QUALITY: 0, 1 or only"; exit 2;; esac
+QDATA=${RF_CHECK_QUALITY_DATA:-$REPO/data/english}
 T0=$SECONDS
 say() { echo "== [$((SECONDS - T0)) s] $*"; }
 rm -rf "$WORK" && mkdir -p "$WORK/runs" || exit 2
@@ -49,6 +57,8 @@ print(f"python torch {torch.__version__} (CUDA {torch.version.cuda}), megatron-c
       f"transformers {transformers.__version__}, GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
 PY
 
+PYTEST_RC=0; TABLE_RC=0; QUALITY_RC=0; NAMES=()
+if [ "$QUALITY" != only ]; then  # steps 1b-5
 say "bench/throughput.py: the Megatron engine next to the HF model in a plain PyTorch loop, alternating steps"
 if [ "$DRY" = 1 ]; then THROUGHPUT="--shape tiny --warmup 0 --rounds 1"
 else THROUGHPUT=${RF_CHECK_BENCH_ARGS:---shape resformer_82m --compile}; fi
@@ -93,11 +103,51 @@ RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=$((29500 + RA
   timeout 300 "$PY" -W ignore bench/value_residual_overhead.py $BENCH > "$WORK/bench.log" 2>&1 || echo "bench failed (exit $?)"
 grep -E "^#|x$|bytes" "$WORK/bench.log"
 
+fi
+
+if [ "$QUALITY" != 0 ]; then
+  say "bench/quality.py --size resformer_82m: vanilla / ResFormer identity / SVFormer on real English, held-out set scored whole"
+  if [ -f "$QDATA/train.idx" ] && [ -f "$QDATA/valid.idx" ] && [ -f "$QDATA/tok.model" ]; then
+    QIN="--data $QDATA/train --valid $QDATA/valid --tokenizer $QDATA/tok.model"
+    [ -f "$QDATA/valid.jsonl" ] && QIN="$QIN --text-jsonl $QDATA/valid.jsonl"
+  elif [ "$DRY" = 1 ]; then  # the plumbing on the synthetic corpus when the English one is not built here
+    echo "no English corpus in $QDATA: the synthetic one instead (dry run)"
+    D=$WORK/data
+    [ -f "$D/corpus.idx" ] || { "$PY" tests/gpu/device_check.py corpus "$D" --documents "$DOCS" &&
+      "$PY" tools/train_tokenizer.py --input "$D/corpus.jsonl" --vocab-size 4000 --max-sentences 3000 --output-prefix "$D/tok" >"$WORK/data.log" 2>&1 &&
+      "$PY" tools/preprocess_data.py --input "$D/corpus.jsonl" --tokenizer-model "$D/tok.model" --output-prefix "$D/corpus" >>"$WORK/data.log" 2>&1; }
+    QIN="--data $D/corpus --tokenizer $D/tok.model"
+  else
+    QIN=""
+    echo "error: no English corpus in $QDATA (train.idx, valid.idx, tok.model): build it with python tools/build_english_corpus.py and carry data/english (tests/gpu/README.md)"
+    QUALITY_RC=2
+  fi
+  if [ -n "$QIN" ]; then
+    if [ "$DRY" = 1 ]; then QSIZE="--steps 2 --evals 1 --set ${SHAPE/ model.vocab_size=4096/} train.global_batch_size=4 train.micro_batch_size=2 train.log_interval=1"
+    else QSIZE="--minutes ${RF_CHECK_QUALITY_MINUTES:-2}"; fi
+    timeout "${RF_CHECK_QUALITY_TIMEOUT:-900}" "$PY" -W ignore bench/quality.py --size resformer_82m \
+      --variants vanilla identity svformer --seeds "${RF_CHECK_QUALITY_SEEDS:-1}" $QIN --out "$WORK/quality" \
+      ${RF_CHECK_QUALITY_ARGS:-} $QSIZE > "$WORK/quality.log" 2>&1
+    QUALITY_RC=$?
+    [ "$QUALITY_RC" = 0 ] || { echo "quality bench failed (exit $QUALITY_RC):"; grep -v "^\s*$" "$WORK/quality.log" | tail -25; }
+  fi
+fi
+
 if [ -n "${RF_CHECK_OUT:-}" ]; then
-  mkdir -p "$RF_CHECK_OUT" && tar czf "$RF_CHECK_OUT/device_check_logs.tgz" -C "$WORK" throughput.log pytest.log data.log bench.log runs 2>/dev/null
+  OUTDIR=$(mkdir -p "$RF_CHECK_OUT" && cd "$RF_CHECK_OUT" && pwd) &&
+    (cd "$WORK" && tar czf "$OUTDIR/device_check_logs.tgz" --ignore-failed-read throughput.log pytest.log data.log \
+      bench.log quality.log runs quality/report.md quality/results.json quality/valid_curves.png quality/lambdas.png \
+      quality/runs/*/metrics.jsonl 2>/dev/null)
 fi
 say "summary${SHAPE:+ (DRY RUN on the simulated GPU: plumbing only, no GPU figures)}"
-grep -E "passed|failed" "$WORK/pytest.log" | tail -1 | sed 's/^/pytest tests\/gpu: /'
-"$PY" tests/gpu/device_check.py table "$WORK/runs" "${NAMES[@]}"
-TABLE_RC=$?
-[ "$PYTEST_RC" = 0 ] && [ "$TABLE_RC" = 0 ]
+if [ "$QUALITY" != only ]; then
+  grep -E "passed|failed" "$WORK/pytest.log" | tail -1 | sed 's/^/pytest tests\/gpu: /'
+  "$PY" tests/gpu/device_check.py table "$WORK/runs" "${NAMES[@]}"
+  TABLE_RC=$?
+fi
+if [ "$QUALITY" != 0 ] && [ -f "$WORK/quality/report.md" ]; then
+  grep -E "^resformer_82m:|^at [0-9,]+ tokens/s|^  [a-z]+ seed [0-9]+:" "$WORK/quality.log"
+  cat "$WORK/quality/report.md"
+  grep -E "^wrote " "$WORK/quality.log"
+fi
+[ "$PYTEST_RC" = 0 ] && [ "$TABLE_RC" = 0 ] && [ "$QUALITY_RC" = 0 ]
