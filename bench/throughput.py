@@ -244,7 +244,7 @@ def main(argv=None):
                         "fused cross-entropy (default: on a GPU)")
     args = p.parse_args(argv)
 
-    from rf_megatron.device import on_gpu, select_device
+    from rf_megatron.device import on_gpu, select_device, simulated
 
     select_device()  # a GPU when there is one (RF_MEGATRON_CPU=1: the CPU)
     gpu = on_gpu()
@@ -309,7 +309,7 @@ def main(argv=None):
                 continue
             if r >= warmup:
                 path.times.append(dt)
-    if gpu:
+    if gpu and not simulated():  # a real GPU (the simulated one has no sync debug mode or memory stats)
         count_syncs(paths, microbatches)
         measure_peaks(paths, microbatches)
 

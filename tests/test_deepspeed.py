@@ -250,6 +250,8 @@ def test_config_errors_are_one_line(data, initial, tmp_path, capsys, monkeypatch
          "remove its 'optimizer' section"),
         ([f"deepspeed.config={_write(tmp_path / 'c.json', {'gradient_clipping': 0.5})}"],
          "gradient_clipping=0.5 but optim.clip_grad=1.0"),
+        ([f"deepspeed.config={_write(tmp_path / 'd.json', {'checkpoint': {'use_node_local_storage': True}})}"],
+         "checkpoint.use_node_local_storage is not supported"),
         (["parallel.params_dtype=bf16"], "needs a GPU"),
         (["train.nan_policy=skip"], "nan_policy=skip is not supported"),
         (["model.init_method_std=2.0"], "the HF config cannot take this model: Validation error for field "

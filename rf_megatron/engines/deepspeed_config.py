@@ -54,6 +54,9 @@ def resolve(cfg, world_size: int, cuda: bool) -> Dict[str, Any]:
                               "come from optim.* (the same as the Megatron trainer's)")
     if conf.get("fp16", {}).get("enabled") is True:
         raise ConfigError(f"DeepSpeed config {src}: fp16 is not supported (loss scaling); use bf16")
+    if (conf.get("checkpoint") or {}).get("use_node_local_storage"):
+        raise ConfigError(f"DeepSpeed config {src}: checkpoint.use_node_local_storage is not supported: a checkpoint "
+                          "is committed once, in checkpoint.dir, which every node must see")
     zero = conf.setdefault("zero_optimization", {})
     if ds.zero_stage is not None:
         zero["stage"] = ds.zero_stage
