@@ -169,8 +169,6 @@ def land_checkpoint(root, step: int, write_shards: Callable[[Path], None], run_c
     4. rank 0 writes the manifest, renames `iter_N.tmp` to `iter_N` (replacing an older copy of that step) and
        points `latest` at it (commit).
     A disk error in rank 0's steps is raised on every rank (`_on_rank0`). Returns the checkpoint's path."""
-    import torch.distributed as dist
-
     root, name = Path(root), iter_name(step)
     final, tmp = root / name, root / f"{name}.tmp"
 
@@ -193,7 +191,7 @@ def land_checkpoint(root, step: int, write_shards: Callable[[Path], None], run_c
 
     _on_rank0(make_tmp)
     write_shards(tmp)
-    dist.barrier()
+    _barrier()
     _on_rank0(write_records)
     files = _hash_shares(tmp)
     _on_rank0(lambda: publish(files))

@@ -8,11 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
-import torch.distributed as dist
-
 from .checkpoint_dir import iter_name, latest_checkpoint
 from .checkpoint_health import HealthMonitor
-from .console import from_rank0
+from .console import from_rank0, is_rank0
 from .disk_space import check_room, write_problem
 
 
@@ -59,7 +57,7 @@ class Checkpointer:
         """Refuse a save that cannot fit (the last checkpoint's size is known) before writing anything. Rank 0
         looks and says; every rank stops."""
         message = None
-        if dist.get_rank() == 0:
+        if is_rank0():
             kept = _latest_or_none(self.root)
             try:
                 problem = check_room(self.root, kept)
