@@ -10,8 +10,9 @@ all alike; each path reports the median over the timed rounds and the spread (ma
 - Megatron: the trainer's step (rf_megatron/engines/megatron.py: Megatron DDP, Megatron's mixed-precision AdamW with
   grad clipping, the param scheduler, the loss read back every step), one process (TP1 PP1), once per
   `model.attention_backend` (sdpa, unfused); on a GPU (or with --ablations) also vanilla sdpa with one step option
-  changed per row: torch's foreach AdamW instead of the fused one (optim.fused=false), Megatron's fused
-  cross-entropy (parallel.cross_entropy_fusion=true), so each is kept only where it is measured to help;
+  changed per row: torch's foreach AdamW instead of the fused one (optim.fused=false), and each other
+  parallel.cross_entropy (rf_megatron/cross_entropy.py: Megatron's, Megatron's fused, torch's compiled), so each
+  default is kept only where it is measured to help;
 - HF: rf_megatron/hf/modeling_rfgpt.py with SDPA attention, fp32 master weights, bf16 autocast on a GPU,
   torch's AdamW (fused on a GPU) with the same hyper-parameters and grad clipping; `--compile` adds the same
   model under torch.compile.
@@ -40,6 +41,7 @@ GLOBAL_BATCH = {"tiny": 16, "resformer_82m": 64, "resformer_468m": 64}  # sequen
 VARIANTS = {"vanilla": dict(variant="vanilla"), "identity": dict(variant="resformer", lambda_mode="identity"),
             "svformer": dict(variant="svformer")}
 LABELS = {"vanilla": "vanilla", "identity": "ResFormer identity", "svformer": "SVFormer"}
+CE_LABELS = {"megatron": "Megatron CE", "megatron_fused": "Megatron fused CE", "compiled": "compiled CE"}
 
 
 @dataclass
@@ -110,7 +112,8 @@ def megatron_path(model_cfg, parallel, optim, variant: str, backend: str, kernel
 
 
 def hf_path(model_cfg, optim, variant: str, bf16: bool, compile_: bool) -> Run:
-    """A plain PyTorch loop over our HF model: what a user comparing stacks would write."""
+    """A plain PyTorch loop over our HF model: what a user comparing stacks would write (AdamW fused as
+    optim.fused says; None: on a GPU)."""
     from rf_megatron.device import current_device, to_device
     from rf_megatron.flops import training_flops_per_token
     from rf_megatron.hf.configuration_rfgpt import RFGPTConfig
@@ -127,7 +130,8 @@ def hf_path(model_cfg, optim, variant: str, bf16: bool, compile_: bool) -> Run:
     groups = [{"params": g["params"], "weight_decay": optim.weight_decay * g["wd_mult"]} for g in param_groups(model)]
     state = {"model": model, "forward": torch.compile(model) if compile_ else model,
              "optimizer": torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2),
-                                            eps=optim.adam_eps, fused=device.type == "cuda")}
+                                            eps=optim.adam_eps,
+                                            fused=device.type == "cuda" if optim.fused is None else optim.fused)}
 
     def step(microbatches):
         model, optimizer = state["model"], state["optimizer"]
@@ -240,8 +244,8 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="also the HF model under torch.compile")
     p.add_argument("--no-hf", action="store_true", help="the Megatron engine only")
     p.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=None,
-                   help="also vanilla sdpa with one step option changed each: foreach AdamW (not fused), Megatron's "
-                        "fused cross-entropy (default: on a GPU)")
+                   help="also vanilla sdpa with one step option changed each: foreach AdamW (not fused), each other "
+                        "parallel.cross_entropy (default: on a GPU)")
     args = p.parse_args(argv)
 
     from rf_megatron.device import on_gpu, select_device, simulated
@@ -280,6 +284,13 @@ def main(argv=None):
     microbatches = token_batches(preset.model.vocab_size, preset.model.seq_length, micro_batch,
                                  global_batch // micro_batch)
 
+    from rf_megatron.cross_entropy import resolve
+
+    ce_default = resolve(parallel.cross_entropy, parallel.tensor_parallel, gpu and not simulated())
+    # megatron_fused is bf16 only; both it and compiled go through torch.compile, which cannot compile for the
+    # simulated GPU's "cuda"
+    ce_ablations = [c for c in CE_LABELS if c != ce_default and (c != "megatron_fused" or bf16)
+                    and (c == "megatron" or not simulated())]
     paths: List[Run] = []
     for variant in args.variants.split(","):
         if variant not in VARIANTS:
@@ -290,9 +301,9 @@ def main(argv=None):
         if (args.ablations if args.ablations is not None else gpu) and variant == "vanilla":
             paths.append(megatron_path(model_cfg, parallel, replace(optim, fused=False), variant, "sdpa",
                                        "sdpa, foreach AdamW"))
-            if bf16:  # Megatron's fused cross-entropy is bf16 only
-                paths.append(megatron_path(model_cfg, replace(parallel, cross_entropy_fusion=True), optim, variant,
-                                           "sdpa", "sdpa, fused CE"))
+            for choice in ce_ablations:
+                paths.append(megatron_path(model_cfg, replace(parallel, cross_entropy=choice), optim, variant,
+                                           "sdpa", f"sdpa, {CE_LABELS[choice]}"))
         if not args.no_hf:
             paths.append(hf_path(model_cfg, optim, variant, bf16, compile_=False))
             if args.compile:
@@ -318,7 +329,8 @@ def main(argv=None):
     header = (f"# {shape}: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, FFN "
               f"{m.ffn_hidden_size}, vocab {m.vocab_size}, seq {m.seq_length}; {global_batch} x {m.seq_length} tokens "
               f"per step ({global_batch // micro_batch} microbatches of {micro_batch}), {'bf16' if bf16 else 'fp32'}; "
-              f"{device}, torch {torch.__version__}; {warmup} warm-up + {rounds} timed rounds, alternating")
+              f"{device}, torch {torch.__version__}; {warmup} warm-up + {rounds} timed rounds, alternating; Megatron's "
+              f"loss: {CE_LABELS[ce_default]} unless a row says otherwise")
     report(paths, global_batch * m.seq_length, peak_tflops(None) if gpu else None, header)
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()

@@ -8,9 +8,9 @@ from typing import List, Optional
 
 import torch.distributed as dist
 
-from . import step_kernels
+from . import cross_entropy, step_kernels
 from .config import ModelConfig, OptimConfig, ParallelConfig, build_transformer_config
-from .device import on_gpu
+from .device import current_device, on_gpu, simulated
 from .grads import finalize_model_grads
 from .model import build_model_chunks
 
@@ -45,10 +45,10 @@ def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, *, before_ddp=
     `before_ddp(chunks)` may load weights."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from .device import current_device, on_gpu
-
     config = build_transformer_config(model_cfg, parallel, cpu=not on_gpu())
-    chunks = build_model_chunks(model_cfg, config, parallel.transformer_impl)
+    loss = cross_entropy.resolve(parallel.cross_entropy, parallel.tensor_parallel, on_gpu() and not simulated())
+    chunks = build_model_chunks(model_cfg, config, parallel.transformer_impl, cross_entropy=loss,
+                                compile_fallback=parallel.cross_entropy == "auto")
     for chunk in chunks:
         chunk.to(current_device())
     if before_ddp is not None:

@@ -17,6 +17,7 @@ from .errors import ConfigError  # noqa: F401  (re-exported: the config's own er
 from .value_residual_spec import MODES, config_problem
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATTENTION_BACKENDS = ("auto", "sdpa", "unfused", "te")
+CROSS_ENTROPY = ("auto", "megatron", "megatron_fused", "compiled")  # rf_megatron/cross_entropy.py
 INITS = ("megatron", "paper")
 
 
@@ -133,10 +134,10 @@ class ParallelConfig:
     fp8: Optional[str] = None  # "hybrid" | "e4m3" on H100 with Transformer Engine
     transformer_impl: str = "local"  # local | transformer_engine
     fusions: bool = True  # on a GPU, Megatron's fused kernels where they exist (gpu_fusions); false to debug one
-    # Megatron's native fused cross-entropy (megatron/core/fusions/fused_cross_entropy.py, torch.compile'd on a
-    # GPU) instead of vocab_parallel_cross_entropy: same loss, fewer passes over the [tokens, vocab] logits; bf16
-    # only (its backward returns bf16 logits gradients)
-    cross_entropy_fusion: bool = False
+    # the loss (rf_megatron/cross_entropy.py): auto (torch's cross-entropy under torch.compile on a GPU at TP1,
+    # else megatron) | megatron (vocab_parallel_cross_entropy) | megatron_fused (Megatron's native fused kernel,
+    # bf16 only: its backward returns bf16 logits gradients) | compiled (TP1)
+    cross_entropy: str = "auto"
 
     def validate(self, world_size: Optional[int] = None) -> None:
         def need(cond, msg):
@@ -153,9 +154,14 @@ class ParallelConfig:
              f"transformer_impl={self.transformer_impl!r}: choose local or transformer_engine")
         need(self.fp8 is None or self.transformer_impl == "transformer_engine",
              "fp8 needs transformer_impl=transformer_engine (Transformer Engine on an H100)")
-        need(not self.cross_entropy_fusion or self.params_dtype == "bf16",
-             f"cross_entropy_fusion=true needs params_dtype=bf16 (Megatron's fused cross-entropy returns bf16 "
+        need(self.cross_entropy in CROSS_ENTROPY,
+             f"cross_entropy={self.cross_entropy!r}: choose one of {', '.join(CROSS_ENTROPY)}")
+        need(self.cross_entropy != "megatron_fused" or self.params_dtype == "bf16",
+             f"cross_entropy=megatron_fused needs params_dtype=bf16 (Megatron's fused cross-entropy returns bf16 "
              f"gradients of the logits; with {self.params_dtype} they would be silently rounded)")
+        need(self.cross_entropy != "compiled" or self.tensor_parallel == 1,
+             f"cross_entropy=compiled needs tensor_parallel=1 (the vocabulary split over {self.tensor_parallel} "
+             "ranks needs megatron or megatron_fused)")
         need(self.recompute_method in ("uniform", "block"),
              f"recompute_method={self.recompute_method!r}: choose uniform or block")
         if world_size is not None:
@@ -239,7 +245,7 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, cpu: 
         recompute_method=parallel.recompute_method if parallel.recompute_granularity == "full" else None,
         recompute_num_layers=parallel.recompute_num_layers if parallel.recompute_granularity == "full" else None,
         use_cpu_initialization=cpu,
-        cross_entropy_loss_fusion=parallel.cross_entropy_fusion,
+        cross_entropy_loss_fusion=parallel.cross_entropy == "megatron_fused",
         cross_entropy_fusion_impl="native",
         **(gpu_fusions(parallel) if parallel.fusions and not cpu and not simulated() else {}),
     )

@@ -1,4 +1,5 @@
-"""Value-residual GPT: Megatron-Core's GPTModel plus the V_1 plumbing of one model chunk.
+"""Value-residual GPT: Megatron-Core's GPTModel plus the V_1 plumbing of one model chunk (and, for every
+variant, the loss parallel.cross_entropy chooses: GPTModelWithLossChoice).
 
 What this class adds to `GPTModel` (everything else is Megatron's):
 - one `V1Carrier` (rf_megatron.v1_packing) shared by the chunk's layers, handed to them through the layer
@@ -11,18 +12,49 @@ What this class adds to `GPTModel` (everything else is Megatron's):
 """
 from __future__ import annotations
 
+import sys
 from typing import List
 
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from .config import ModelConfig
+from .cross_entropy import CompiledCrossEntropy
 from .specs import block_spec
 from .v1_packing import V1Carrier
 from .value_residual import LayerLambdas, build_shared_lambdas
 
 
-class ValueResidualGPTModel(GPTModel):
+class GPTModelWithLossChoice(GPTModel):
+    """Megatron's GPTModel with the loss parallel.cross_entropy chooses (rf_megatron/cross_entropy.py):
+    `compiled` computes it with torch's compiled cross-entropy on one TP rank; with `compile_fallback` (the
+    user said auto) a compiler that fails is said once and Megatron's loss used instead."""
+
+    def __init__(self, *args, cross_entropy: str = "megatron", compile_fallback: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.compiled_loss = None
+        if cross_entropy == "compiled":
+            self.compiled_loss = CompiledCrossEntropy(
+                fallback=self._megatron_loss if compile_fallback else None, warn=_warn_from_loss_stage)
+
+    def compute_language_model_loss(self, labels, logits):
+        """[b, s] labels, [s, b, vocab] logits -> [b, s] per-token loss (Megatron's contract)."""
+        if self.compiled_loss is None:
+            return super().compute_language_model_loss(labels, logits)
+        return self.compiled_loss(logits, labels.transpose(0, 1)).transpose(0, 1)
+
+    def _megatron_loss(self, logits, labels):
+        """The compiled loss's signature ([s, b] labels, [s, b] loss) on Megatron's."""
+        return super().compute_language_model_loss(labels.transpose(0, 1), logits).transpose(0, 1)
+
+
+def _warn_from_loss_stage(msg: str) -> None:
+    """Once per run: data-parallel rank 0 of the stage that computes the loss (rank 0 may hold no loss)."""
+    if parallel_state.get_data_parallel_rank() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+class ValueResidualGPTModel(GPTModelWithLossChoice):
     def __init__(self, *args, rf_config: ModelConfig, v1: V1Carrier, **kwargs):
         super().__init__(*args, **kwargs)
         self.v1 = v1  # the same carrier its layer spec handed to the layers
@@ -82,8 +114,10 @@ class ValueResidualGPTModel(GPTModel):
         return None
 
 
-def build_model_chunks(model_cfg: ModelConfig, config, transformer_impl: str = "local") -> List[GPTModel]:
-    """One GPT model per virtual pipeline stage on this rank (a single one without VPP)."""
+def build_model_chunks(model_cfg: ModelConfig, config, transformer_impl: str = "local",
+                       cross_entropy: str = "megatron", compile_fallback: bool = False) -> List[GPTModel]:
+    """One GPT model per virtual pipeline stage on this rank (a single one without VPP); `cross_entropy` as
+    rf_megatron.cross_entropy.resolve decided it."""
     vpp = config.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp) if vpp else [None]:
@@ -101,11 +135,13 @@ def build_model_chunks(model_cfg: ModelConfig, config, transformer_impl: str = "
             position_embedding_type="rope",
             rotary_base=model_cfg.rotary_base,
             vp_stage=vp_stage,
+            cross_entropy=cross_entropy,
+            compile_fallback=compile_fallback,
         )
         if model_cfg.value_residual:
             chunks.append(ValueResidualGPTModel(rf_config=model_cfg, v1=v1, **kwargs))
         else:
-            chunks.append(GPTModel(**kwargs))
+            chunks.append(GPTModelWithLossChoice(**kwargs))
     return chunks
 
 

@@ -1,12 +1,11 @@
-"""The optimizer step's kernels (rf_megatron/step_kernels.py) and Megatron's fused cross-entropy option.
+"""The optimizer step's kernels (rf_megatron/step_kernels.py).
 
 - Megatron's Python fallbacks (no Apex / Transformer Engine) read every gradient's norm back to the host; ours
   compute the same norm and scale on the device, with no readback (counted as `aten._local_scalar_dense`, the op
   behind `.item()` / `float()`, which on a GPU is a host-device sync).
 - torch's fused AdamW, switched on inside Megatron's optimizer (the TP2 x PP2 comparison with the foreach kernel:
   tests/test_attention_backend.py).
-- parallel.cross_entropy_fusion: the same loss as Megatron's vocab_parallel_cross_entropy; its gradient is
-  rounded to bf16 by Megatron's kernel, hence bf16 only.
+The cross-entropy choices: tests/test_cross_entropy.py.
 """
 from collections import Counter
 
@@ -15,7 +14,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rf_megatron import step_kernels
-from rf_megatron.config import ConfigError, ParallelConfig
 
 
 class HostReadbacks(TorchDispatchMode):
@@ -101,32 +99,3 @@ def test_fused_adam_takes_the_same_steps_as_foreach_and_switches_back():
     fused.step()  # the foreach kernel takes it from there
 
 
-def test_cross_entropy_fusion_needs_bf16():
-    with pytest.raises(ConfigError, match="cross_entropy_fusion=true needs params_dtype=bf16"):
-        ParallelConfig(cross_entropy_fusion=True).validate()
-    ParallelConfig(cross_entropy_fusion=True, params_dtype="bf16").validate()
-
-
-def test_fused_cross_entropy_gives_megatrons_loss_and_a_bf16_rounded_gradient(megatron_single_rank):
-    """Megatron's fused kernel, run eagerly (torch.compile off: the math, not the compiler), against its
-    vocab_parallel_cross_entropy on one TP rank: equal losses; the logits gradient equal up to bf16 rounding."""
-    import torch._dynamo
-    from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(16, 2, 300, generator=g) * 3
-    labels = torch.randint(0, 300, (16, 2), generator=g)
-    results = {}
-    for name, fn in (("plain", lambda x: vocab_parallel_cross_entropy(x, labels)),
-                     ("fused", lambda x: fused_vocab_parallel_cross_entropy(x, labels, megatron_single_rank.get_tensor_model_parallel_group()))):
-        x = logits.clone().requires_grad_()
-        with torch._dynamo.config.patch(disable=True):
-            loss = fn(x)
-            loss.mean().backward()
-        results[name] = (loss.detach(), x.grad)
-    (loss, grad), (fused_loss, fused_grad) = results["plain"], results["fused"]
-    torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=1e-6)
-    assert torch.equal(fused_grad, fused_grad.to(torch.bfloat16).float())  # every element a bf16 value
-    assert not torch.equal(grad, grad.to(torch.bfloat16).float())
-    torch.testing.assert_close(fused_grad, grad, rtol=2 ** -8, atol=1e-12)  # bf16: 8 significant bits

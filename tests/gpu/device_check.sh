@@ -68,9 +68,9 @@ RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=$((29500 + RA
 grep -E "^(#|\||Megatron sdpa)" "$WORK/throughput.log"
 
 say "pytest tests/gpu"
-"$PY" -m pytest -q -p no:cacheprovider tests/gpu -rs > "$WORK/pytest.log" 2>&1
+"$PY" -m pytest -q -s -p no:cacheprovider tests/gpu -rs > "$WORK/pytest.log" 2>&1
 PYTEST_RC=$?
-grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed|skipped|error" "$WORK/pytest.log" | tail -20
+grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed|skipped|error|^peak above the inputs" "$WORK/pytest.log" | tail -20
 
 say "synthetic corpus ($DOCS documents) -> tokenizer -> indexed dataset"
 D=$WORK/data
