@@ -3,6 +3,7 @@
 Each rank prints `rank R: ok` or `rank R: <exception type> <errno>` and exits 0."""
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch.distributed as dist
@@ -21,9 +22,16 @@ def write_shards(tmp: Path) -> None:
     (tmp / f"shard_{rank}.bin").write_bytes(os.urandom(1000))
 
 
+def say(line: str) -> None:
+    """One write per line: print() writes the text and the newline apart, and under PYTHONUNBUFFERED the two
+    ranks' lines could interleave on the shared pipe ("rank 0: OSError 28rank 1: ...")."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 try:
     land_checkpoint(args.root, 1, write_shards, "x" * args.config_bytes, {"run_id": "test"}, keep_last=2)
-    print(f"rank {rank}: ok", flush=True)
+    say(f"rank {rank}: ok")
 except OSError as exc:
-    print(f"rank {rank}: {type(exc).__name__} {exc.errno}", flush=True)
+    say(f"rank {rank}: {type(exc).__name__} {exc.errno}")
 dist.destroy_process_group()
