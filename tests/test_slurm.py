@@ -376,8 +376,9 @@ def test_crash_loop_stops_at_max_restarts(cluster, data, tmp_path):
     (rec,) = wait_jobs(job, timeout=240)
     log = log_text(rec)
     assert (rec["JobState"], rec["ExitCode"], rec["Restarts"]) == ("FAILED", "1:0", "1"), f"{rec}\n{log[-3000:]}"
-    # exit 3 from the rank that crashed first, or 143 if srun --kill-on-bad-exit ended the other one first
-    assert re.search(r"training crashed \(exit (3|143)\); last logged step none, latest checkpoint step 0 \(this run "
+    # exit 3 from the rank that crashed first, 143 if srun --kill-on-bad-exit ended the other one first, or 255 if
+    # slurmstepd reports that task as lost while srun terminates the step (seen once in CI)
+    assert re.search(r"training crashed \(exit (3|143|255)\); last logged step none, latest checkpoint step 0 \(this run "
                      r"started at step 0\): requeueing \(restart 1 of at most 1\)", log), log
     assert "already restarted 1 times (RF_MAX_RESTARTS=1): giving up" in log
 
