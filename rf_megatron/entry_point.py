@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Callable
 
 from . import child_lifetime, run_lock
@@ -17,6 +18,8 @@ from .resume import AlreadyFinished
 from .signals import INTERRUPTED
 from .single_process import default_to_one_process
 from .training_loop import TrainingLoop, TrainingStopped
+
+RANK0_GRACE_SECONDS = 30  # how long a rank waits for rank 0 to say an error they share
 
 
 def run_entry_point(build: Callable[[], "TrainingLoop"]) -> int:
@@ -43,6 +46,8 @@ def _run(build: Callable[[], "TrainingLoop"]) -> int:
         # one rank only (the one reading it), while the others wait in a collective: that rank says it.
         if is_rank0() or getattr(exc, "every_rank", False):
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        else:
+            _leave_it_to_rank0(exc)
         run_lock.release()  # a caller in this process (a test, a notebook) may start another run here
         return 2
     except KeyboardInterrupt:
@@ -52,6 +57,8 @@ def _run(build: Callable[[], "TrainingLoop"]) -> int:
     except TrainingStopped as exc:  # every rank sees the same (global) loss / grad norm and stops here
         if is_rank0() or getattr(exc, "every_rank", False):  # (or a rank-local save)
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        else:
+            _leave_it_to_rank0(exc)
         exit_now(1)
     except KeyboardInterrupt:
         _interrupted_before_training()
@@ -71,6 +78,16 @@ def _run(build: Callable[[], "TrainingLoop"]) -> int:
         how = "checkpoint saved" if os.environ.get("SLURM_JOB_ID") else "rerun the same command to resume"
         print(f"stopped at step {result['step']} ({result['stopped']}); {how}", flush=True)
     return 0
+
+
+def _leave_it_to_rank0(error: Exception) -> None:
+    """Rank 0 says an error every rank has. This rank may have got there first, and exiting now would have the
+    launcher (torchrun, srun --kill-on-bad-exit) kill rank 0 before its line is out: no line at all. So wait for
+    rank 0's exit to end this rank; should it not come (rank 0 did not get the error: a file only this node
+    lacks), say it here."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        time.sleep(RANK0_GRACE_SECONDS)
+        print(f"error: {error} (rank {os.environ.get('RANK')})", file=sys.stderr, flush=True)
 
 
 def _interrupted_before_training() -> None:

@@ -14,12 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def torchrun(script, nproc: int, *args, timeout: int = 600, env=None, check=True):
-    """Run `script` under torchrun with `nproc` CPU processes; return the CompletedProcess."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", "--master-addr=127.0.0.1", str(script), *map(str, args)]
+    """Run `script` under torchrun with `nproc` CPU processes; return the CompletedProcess. A port that another
+    process took between free_port() and torchrun's bind (EADDRINUSE: CI runs the SLURM tests alongside) is
+    retried with another port, twice at most."""
     full_env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                 "OMP_NUM_THREADS": "1", "RF_MEGATRON_CPU": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    for _ in range(3):
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={free_port()}", "--master-addr=127.0.0.1", str(script), *map(str, args)]
+        proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0 or "EADDRINUSE" not in proc.stderr:
+            break
     if check and proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
         pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}", pytrace=False)

@@ -139,3 +139,16 @@ def test_launcher_prints_a_ranks_config_error_in_one_line_and_exits_2(data, tmp_
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert lines == ["error: unknown option train.train_stepz (did you mean train.train_steps?)"], lines
+
+
+def test_a_config_error_is_said_when_rank_0_starts_last(data, tmp_path):
+    """Rank 0 says a config error (the same on every rank). When another rank reaches it first (here rank 0 starts
+    15 s late) and exits, the launcher ends the job: rank 0 must not be killed before its line is out (CI saw no
+    line at all; so did this test on the previous commit)."""
+    proc = subprocess.run([sys.executable, "-m", "rf_megatron.launch", "--nproc-per-node", "2",
+                           str(REPO / "tests" / "dist" / "slow_rank0.py"), "15", str(TRAIN),
+                           "--config", "tiny_cpu", *overrides(data, tmp_path), "train.train_stepz=3"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert lines == ["error: unknown option train.train_stepz (did you mean train.train_steps?)"], lines
