@@ -191,7 +191,7 @@ def land_checkpoint(root, step: int, write_shards: Callable[[Path], None], run_c
 
     _on_rank0(make_tmp)
     write_shards(tmp)
-    _barrier()
+    barrier()
     _on_rank0(write_records)
     files = _hash_shares(tmp)
     _on_rank0(lambda: publish(files))
@@ -209,12 +209,13 @@ def _on_rank0(action: Callable[[], None]) -> None:
             error = exc
     error = from_rank0(error)
     if error is None:
-        _barrier()
+        barrier()
     else:
         raise error
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """Every rank waits for the others (a no-op without a process group: one process, the tools)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -339,8 +340,6 @@ def verify_checkpoint(path: Path) -> Optional[str]:
 def newest_verified(root, start: Path, say) -> Optional[Path]:
     """`start` if it verifies; else move it aside, say so, and try the next older complete checkpoint.
     Returns None when none verifies. Rank 0 moves directories and rewrites `latest`."""
-    import torch.distributed as dist
-
     rank0 = is_rank0()
     candidates = [p for p in complete_checkpoints(root) if step_of(p) <= step_of(start)][::-1]
     for i, path in enumerate(candidates):
@@ -352,10 +351,8 @@ def newest_verified(root, start: Path, say) -> Optional[Path]:
         aside = Path(root) / f"corrupt-{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         say(f"warning: {problem}: {path.name} is damaged, moved to {aside.name}; "
             + (f"falling back to {candidates[i + 1].name}" if i + 1 < len(candidates) else "no older checkpoint"))
-        if dist.is_initialized():
-            dist.barrier()
+        barrier()
         if rank0:
             path.rename(aside)
-        if dist.is_initialized():
-            dist.barrier()
+        barrier()
     return None

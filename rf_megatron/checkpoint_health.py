@@ -20,7 +20,8 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from .checkpoint_dir import HEALTH, complete_checkpoints, newest_healthy, point_latest, read_health, step_of  # noqa: F401
+from .checkpoint_dir import (HEALTH, barrier, complete_checkpoints, newest_healthy, point_latest,  # noqa: F401
+                             read_health, step_of)
 
 RECENT = 10  # losses a spike is measured against
 
@@ -127,7 +128,7 @@ def rewind(root, latest: Path, say: Callable[[str], None], rank0: bool) -> Path:
     target = keep[-1]
     bad_step = max(records[p.name].get("judged_by_step", step_of(p) + 1) for p in bad)
     skip = bad_step - step_of(target)
-    _barrier()  # every rank has read the directory before rank 0 changes it
+    barrier()  # every rank has read the directory before rank 0 changes it
     if rank0:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for p in candidates:
@@ -137,17 +138,12 @@ def rewind(root, latest: Path, say: Callable[[str], None], rank0: bool) -> Path:
         records[target.name]["skip_steps"] = [step_of(target) + 1, bad_step]
         point_latest(root, target.name)
         _write_health(root, records)
-    _barrier()
+    barrier()
     say(f"checkpoint.rewind_to_healthy: resuming from {target.name} (the newer checkpoints moved aside as "
         f"unhealthy-*), skipping the {skip} global batch(es) that steps {step_of(target) + 1}-{bad_step} read")
     return target
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def batches_to_skip(checkpoint: Optional[Path]) -> int:

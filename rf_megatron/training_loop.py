@@ -316,7 +316,7 @@ class TrainingLoop(ResumeChecks):
 
     def _log_test(self) -> Dict[str, float]:
         """The test set, scored once at the end (Megatron-LM's do_test)."""
-        return {"test_loss": self._log_eval("test", final=True)} if getattr(self, "test_ds", None) is not None else {}
+        return {"test_loss": self._log_eval("test", final=True)} if self.test_ds is not None else {}
 
 
 def _peak_memory() -> Dict[str, float]:

@@ -25,10 +25,10 @@ from typing import Dict
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..checkpoint_dir import land_checkpoint, read_train_state
 from ..config import ConfigError
+from ..cross_entropy import token_cross_entropy
 from ..data import load_tokenizer
 from ..device import backend, init_process_group, on_gpu, select_device, to_device
 from ..flops import parameter_counts
@@ -140,7 +140,7 @@ class DeepSpeedTrainer(TrainingLoop):
         end of a whole-set evaluation counts 0 tokens)."""
         batch = to_device(batch)
         logits = self.engine(input_ids=batch["tokens"], position_ids=batch["position_ids"], use_cache=False).logits
-        losses = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none")
+        losses = token_cross_entropy(logits, batch["labels"]).flatten()
         mask = batch["loss_mask"].flatten().float()
         return (losses * mask).sum(), mask.sum()
 
