@@ -2,7 +2,7 @@
 
     python bench/throughput.py                                   # tiny shape (CPU: a few seconds)
     python bench/throughput.py --shape resformer_82m             # one GPU (bf16)
-    python bench/throughput.py --shape resformer_468m --variants vanilla --compile
+    python bench/throughput.py --shape resformer_468m --variants vanilla --compile --compile-layers
 
 Every path trains the same shape on the same token batches (same tokens per optimizer step), and the timed
 steps alternate between the paths (the order reversed every round) so that drift in the machine's load hits
@@ -12,7 +12,8 @@ all alike; each path reports the median over the timed rounds and the spread (ma
   `model.attention_backend` (sdpa, unfused); on a GPU (or with --ablations) also vanilla sdpa with one step option
   changed per row: torch's foreach AdamW instead of the fused one (optim.fused=false), and each other
   parallel.cross_entropy (rf_megatron/cross_entropy.py: Megatron's, Megatron's fused, torch's compiled), so each
-  default is kept only where it is measured to help;
+  default is kept only where it is measured to help; and vanilla sdpa with every layer under torch.compile
+  (parallel.compile_layers, rf_megatron/layer_compile.py; `--compile-layers`: every variant);
 - HF: rf_megatron/hf/modeling_rfgpt.py with SDPA attention, fp32 master weights, bf16 autocast on a GPU,
   torch's AdamW (fused on a GPU) with the same hyper-parameters and grad clipping; `--compile` adds the same
   model under torch.compile.
@@ -42,6 +43,7 @@ VARIANTS = {"vanilla": dict(variant="vanilla"), "identity": dict(variant="resfor
             "svformer": dict(variant="svformer")}
 LABELS = {"vanilla": "vanilla", "identity": "ResFormer identity", "svformer": "SVFormer"}
 CE_LABELS = {"megatron": "Megatron CE", "megatron_fused": "Megatron fused CE", "compiled": "compiled CE"}
+COMPILED_LAYERS = "sdpa, compiled layers"
 
 
 @dataclass
@@ -224,10 +226,15 @@ def report(paths: List[Run], tokens_per_step: int, peak_tflops: Optional[float],
     ratios = []
     for variant in VARIANTS:
         sdpa, unfused = by_key.get(("Megatron", variant, "sdpa")), by_key.get(("Megatron", variant, "unfused"))
-        for other, what in ((unfused, "Megatron unfused"), (by_key.get(("HF", variant, "sdpa")), "HF sdpa"),
-                            (by_key.get(("HF", variant, "sdpa + compile")), "HF sdpa + compile")):
-            if sdpa and other and not (sdpa.error or other.error):
-                ratios.append(f"Megatron sdpa / {what}, {LABELS[variant]}: {tokens_per_s(sdpa) / tokens_per_s(other):.2f}x")
+        compiled = by_key.get(("Megatron", variant, COMPILED_LAYERS))
+        hf, hf_compiled = by_key.get(("HF", variant, "sdpa")), by_key.get(("HF", variant, "sdpa + compile"))
+        for mine, what_mine, other, what in ((sdpa, "sdpa", unfused, "Megatron unfused"), (sdpa, "sdpa", hf, "HF sdpa"),
+                                             (sdpa, "sdpa", hf_compiled, "HF sdpa + compile"),
+                                             (compiled, "compiled layers", hf, "HF sdpa"),
+                                             (compiled, "compiled layers", hf_compiled, "HF sdpa + compile")):
+            if mine and other and not (mine.error or other.error):
+                ratios.append(f"Megatron {what_mine} / {what}, {LABELS[variant]}: "
+                              f"{tokens_per_s(mine) / tokens_per_s(other):.2f}x")
     print("\n".join(ratios))
 
 
@@ -242,10 +249,12 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default: 1 on the CPU, 3 on a GPU)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 3 on the CPU, 6 on a GPU)")
     p.add_argument("--compile", action="store_true", help="also the HF model under torch.compile")
+    p.add_argument("--compile-layers", action="store_true",
+                   help="also the Megatron engine with every layer under torch.compile, for every variant")
     p.add_argument("--no-hf", action="store_true", help="the Megatron engine only")
     p.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=None,
                    help="also vanilla sdpa with one step option changed each: foreach AdamW (not fused), each other "
-                        "parallel.cross_entropy (default: on a GPU)")
+                        "parallel.cross_entropy, compiled layers (default: on a GPU)")
     args = p.parse_args(argv)
 
     from rf_megatron.device import on_gpu, select_device, simulated
@@ -298,7 +307,11 @@ def main(argv=None):
         model_cfg = replace(preset.model, **{"lambda_mode": "identity", **VARIANTS[variant]})
         for backend in args.backends.split(","):
             paths.append(megatron_path(model_cfg, parallel, optim, variant, backend))
-        if (args.ablations if args.ablations is not None else gpu) and variant == "vanilla":
+        ablations = (args.ablations if args.ablations is not None else gpu) and variant == "vanilla"
+        if (args.compile_layers or ablations) and not simulated():  # no compiler for the simulated GPU's "cuda"
+            paths.append(megatron_path(model_cfg, replace(parallel, compile_layers=True), optim, variant, "sdpa",
+                                       COMPILED_LAYERS))
+        if ablations:
             paths.append(megatron_path(model_cfg, parallel, replace(optim, fused=False), variant, "sdpa",
                                        "sdpa, foreach AdamW"))
             for choice in ce_ablations:

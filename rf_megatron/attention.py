@@ -27,6 +27,9 @@ class ValueResidualSelfAttention(SelfAttention):
         if config.attention_output_gate:
             raise ValueError("attention_output_gate is not supported with value residual")
         self.v1 = v1
+        # a constant per layer, set once: under torch.compile every layer after the first traces the same graph
+        # (a branch on layer_number would compile one graph per layer)
+        self.publishes_v1 = layer_number == 1
         self.value_lambdas = build_lambdas(rf_config, layer_number) if layer_number > 1 and self.MIXES else None
         if self.value_lambdas is not None:  # one dtype per model: DDP buckets and optimizers group by it
             self.value_lambdas.to(config.params_dtype)
@@ -44,7 +47,7 @@ class ValueResidualSelfAttention(SelfAttention):
         return query, key, self._value(value)
 
     def _value(self, value):
-        if self.layer_number == 1:
+        if self.publishes_v1:
             self.v1.value = value
             return value
         if self.value_lambdas is None:  # `sparse`: this layer is plain attention
@@ -95,7 +98,7 @@ class SVFormerSelfAttention(ValueResidualSelfAttention):
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False,
                                     split_qkv=True):
         self._check_split(split_qkv)
-        if self.layer_number == 1:
+        if self.publishes_v1:
             return super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate, True)
         mixed_qk, _ = self.linear_qkv(hidden_states)
         groups, dim = self.num_query_groups_per_partition, self.hidden_size_per_attention_head

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import torch.distributed as dist
 
-from . import cross_entropy, step_kernels
+from . import cross_entropy, layer_compile, step_kernels
 from .config import ModelConfig, OptimConfig, ParallelConfig, build_transformer_config
 from .device import current_device, on_gpu, simulated
 from .grads import finalize_model_grads
@@ -51,6 +51,8 @@ def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, *, before_ddp=
                                 compile_fallback=parallel.cross_entropy == "auto")
     for chunk in chunks:
         chunk.to(current_device())
+    if parallel.compile_layers:
+        layer_compile.compile_layers(chunks)
     if before_ddp is not None:
         before_ddp(chunks)
     ddp_config = DistributedDataParallelConfig(

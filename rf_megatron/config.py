@@ -138,6 +138,9 @@ class ParallelConfig:
     # else megatron) | megatron (vocab_parallel_cross_entropy) | megatron_fused (Megatron's native fused kernel,
     # bf16 only: its backward returns bf16 logits gradients) | compiled (TP1)
     cross_entropy: str = "auto"
+    # torch.compile of every transformer layer (rf_megatron/layer_compile.py; local spec): inductor fuses the
+    # norms, RoPE, the value mix, SwiGLU and the residual adds around the matmuls and attention
+    compile_layers: bool = False
 
     def validate(self, world_size: Optional[int] = None) -> None:
         def need(cond, msg):
@@ -162,6 +165,8 @@ class ParallelConfig:
         need(self.cross_entropy != "compiled" or self.tensor_parallel == 1,
              f"cross_entropy=compiled needs tensor_parallel=1 (the vocabulary split over {self.tensor_parallel} "
              "ranks needs megatron or megatron_fused)")
+        need(not self.compile_layers or self.transformer_impl == "local",
+             "compile_layers needs transformer_impl=local (Transformer Engine's modules are not compiled here)")
         need(self.recompute_method in ("uniform", "block"),
              f"recompute_method={self.recompute_method!r}: choose uniform or block")
         if world_size is not None:
@@ -197,7 +202,8 @@ def gpu_fusions(parallel: ParallelConfig) -> dict:
     return dict(
         bias_activation_fusion=True,
         masked_softmax_fusion=te or _importable("scaled_upper_triang_masked_softmax_cuda"),
-        gradient_accumulation_fusion=_importable("fused_weight_gradient_mlp_cuda"),
+        # apex's kernel writes main_grad from inside the backward: kept out of compiled layers
+        gradient_accumulation_fusion=_importable("fused_weight_gradient_mlp_cuda") and not parallel.compile_layers,
         apply_rope_fusion=rope,
         persist_layer_norm=True,
     )

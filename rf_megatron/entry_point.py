@@ -42,12 +42,7 @@ def _run(build: Callable[[], "TrainingLoop"]) -> int:
             print(str(exc), flush=True)
         return 0
     except ConfigError as exc:
-        # Config errors are the same on every rank: rank 0 says it. A damaged checkpoint file may fail on
-        # one rank only (the one reading it), while the others wait in a collective: that rank says it.
-        if is_rank0() or getattr(exc, "every_rank", False):
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        else:
-            _leave_it_to_rank0(exc)
+        _say_once(exc)
         run_lock.release()  # a caller in this process (a test, a notebook) may start another run here
         return 2
     except KeyboardInterrupt:
@@ -55,11 +50,11 @@ def _run(build: Callable[[], "TrainingLoop"]) -> int:
     try:
         result = trainer.train()
     except TrainingStopped as exc:  # every rank sees the same (global) loss / grad norm and stops here
-        if is_rank0() or getattr(exc, "every_rank", False):  # (or a rank-local save)
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        else:
-            _leave_it_to_rank0(exc)
+        _say_once(exc)
         exit_now(1)
+    except ConfigError as exc:  # a choice that fails at the first step (torch.compile without a compiler)
+        _say_once(exc)
+        exit_now(2)
     except KeyboardInterrupt:
         _interrupted_before_training()
     except BaseException:
@@ -78,6 +73,16 @@ def _run(build: Callable[[], "TrainingLoop"]) -> int:
         how = "checkpoint saved" if os.environ.get("SLURM_JOB_ID") else "rerun the same command to resume"
         print(f"stopped at step {result['step']} ({result['stopped']}); {how}", flush=True)
     return 0
+
+
+def _say_once(error: Exception) -> None:
+    """One `error:` line for the job. Config errors and training stops are the same on every rank: rank 0 says
+    them. A damaged checkpoint file may fail on one rank only (the one reading it), or a save on one rank
+    (`every_rank`), while the others wait in a collective: that rank says it."""
+    if is_rank0() or getattr(error, "every_rank", False):
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    else:
+        _leave_it_to_rank0(error)
 
 
 def _leave_it_to_rank0(error: Exception) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import os
 import sys
 import typing
 from dataclasses import dataclass, field

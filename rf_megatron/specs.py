@@ -20,6 +20,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from .attention import SVFormerSelfAttention, ValueResidualSelfAttention
 from .config import ConfigError, ModelConfig
 from .layer import ValueResidualTransformerLayer
+from .layer_compile import RowParallelLinearWithGroup
 from .norm import SequenceParallelNorm
 from .sdpa_attention import SDPADotProductAttention
 
@@ -59,10 +60,13 @@ def _base_layer_spec(model: ModelConfig, transformer_impl: str) -> ModuleSpec:
     sub = spec.submodules
     attn = sub.self_attention
     attn_sub = attn.submodules
+    attn_sub = dataclasses.replace(attn_sub, linear_proj=RowParallelLinearWithGroup)
     if model.qk_layernorm:
         attn_sub = dataclasses.replace(attn_sub, q_layernorm=SequenceParallelNorm, k_layernorm=SequenceParallelNorm)
+    mlp = dataclasses.replace(sub.mlp, submodules=dataclasses.replace(sub.mlp.submodules,
+                                                                      linear_fc2=RowParallelLinearWithGroup))
     sub = dataclasses.replace(sub, input_layernorm=SequenceParallelNorm, pre_mlp_layernorm=SequenceParallelNorm,
-                              self_attention=dataclasses.replace(attn, submodules=attn_sub))
+                              self_attention=dataclasses.replace(attn, submodules=attn_sub), mlp=mlp)
     return dataclasses.replace(spec, submodules=sub)
 
 

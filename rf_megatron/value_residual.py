@@ -45,7 +45,10 @@ class LayerLambdas(_PerLayerCheckpoint, nn.Module):
 
     def __init__(self, mode: LambdaMode, layer_number: int, index: int, mixing_count: int, constant: float):
         super().__init__()
-        self.mode, self.layer_number, self.index, self.constant = mode, layer_number, index, constant
+        self.mode, self.layer_number, self.constant = mode, layer_number, constant
+        # this layer's place among the mixing layers (its share of the model-wide parameters) as a tensor, kept out
+        # of checkpoints: an int would make torch.compile trace one graph per layer (rf_megatron/layer_compile.py)
+        self.register_buffer("index", torch.tensor([index]), persistent=False)
         for name, param in new_parameters(mode.layer_params, mixing_count).items():
             self.register_parameter(name, _mark_replicated(param))
         # the model-wide parameters of this model chunk ({name: tensor}), attached by the model: a bound method,

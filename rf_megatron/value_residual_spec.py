@@ -15,7 +15,7 @@ every exported RFGPT model (trust_remote_code loads it with the config), so it i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -146,8 +146,12 @@ def new_parameters(params: Sequence[Param], mixing_count: int) -> Dict[str, torc
             for p in params}
 
 
-def lambdas_of(mode: LambdaMode, own: Dict[str, torch.Tensor], model: Dict[str, torch.Tensor], index: int,
-               constant: float) -> Tuple:
-    """(lambda1, lambda2) of the `index`-th mixing layer from its own and the model-wide parameters."""
-    shared = mode.shared_values(model)[index] if mode.shared_values else None
+def lambdas_of(mode: LambdaMode, own: Dict[str, torch.Tensor], model: Dict[str, torch.Tensor],
+               index: Union[int, torch.Tensor], constant: float) -> Tuple:
+    """(lambda1, lambda2) of the `index`-th mixing layer from its own and the model-wide parameters. `index`: an
+    int, or a one-element long tensor (the same graph for every layer under torch.compile)."""
+    shared = None
+    if mode.shared_values:
+        values = mode.shared_values(model)
+        shared = values[index] if isinstance(index, int) else values.index_select(0, index)[0]
     return mode.pair(own, shared, constant)

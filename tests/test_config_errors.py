@@ -91,6 +91,11 @@ def test_fp8_needs_transformer_engine():
     assert "fp8" in error_of(parallel=ParallelConfig(fp8="hybrid"))
 
 
+def test_compiled_layers_need_the_local_spec():
+    assert error_of(parallel=ParallelConfig(compile_layers=True, transformer_impl="transformer_engine")) == \
+        "compile_layers needs transformer_impl=local (Transformer Engine's modules are not compiled here)"
+
+
 def test_te_attention_backend_needs_the_transformer_engine_spec():
     assert error_of(ModelConfig(attention_backend="te")) == \
         "attention_backend=te needs parallel.transformer_impl=transformer_engine"

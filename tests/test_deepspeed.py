@@ -254,6 +254,7 @@ def test_config_errors_are_one_line(data, initial, tmp_path, capsys, monkeypatch
          "checkpoint.use_node_local_storage is not supported"),
         (["parallel.params_dtype=bf16"], "needs a GPU"),
         (["train.nan_policy=skip"], "nan_policy=skip is not supported"),
+        (["parallel.compile_layers=true"], "parallel.compile_layers is the Megatron trainer's option"),
         (["model.init_method_std=2.0"], "the HF config cannot take this model: Validation error for field "
                                         "'initializer_range'"),
         (["model.num_layers=64", "model.hidden_size=4096", "model.num_attention_heads=32", "model.ffn_hidden_size=11008",

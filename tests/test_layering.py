@@ -15,8 +15,8 @@ LAYERS = {
         "device_peak", "lazy_jit", "scored_bytes", "plot_metrics", "__init__"),
     1: ("config", "run_config", "device", "vocab", "data", "flops", "checkpoint_dir", "checkpoint_health",
         "checkpointer", "signals", "single_process", "config_check", "v1_packing"),
-    2: ("value_residual", "attention", "sdpa_attention", "layer", "norm", "specs", "cross_entropy", "model",
-        "schedule", "grads", "distopt_fixes", "step_kernels", "build", "checkpointing"),
+    2: ("value_residual", "attention", "sdpa_attention", "layer", "layer_compile", "norm", "specs", "cross_entropy",
+        "model", "schedule", "grads", "distopt_fixes", "step_kernels", "build", "checkpointing"),
     3: ("hf.",),
     4: ("training_loop", "resume", "engines", "engines.", "entry_point", "scaling.", "analysis", "analysis.", "cli."),
 }

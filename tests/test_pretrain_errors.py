@@ -12,10 +12,10 @@ ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "L
 ENV.update(RF_MEGATRON_CPU="1", PYTHONPATH=str(REPO))
 
 
-def fails(data, tmp_path, *extra, **kw):
+def fails(data, tmp_path, *extra, env=None, **kw):
     args = overrides(data, tmp_path, **{"parallel.tensor_parallel": 1, **kw})
     proc = subprocess.run([sys.executable, str(TRAIN), "--config", "tiny_cpu", *args, *extra],
-                          capture_output=True, text=True, cwd=REPO, env=ENV,
+                          capture_output=True, text=True, cwd=REPO, env={**ENV, **(env or {})},
                           timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
@@ -82,3 +82,11 @@ def test_unknown_preset(data, tmp_path):
     proc = subprocess.run([sys.executable, str(TRAIN), "--config", "tiny_cpuu"], capture_output=True, text=True,
                           cwd=REPO)
     assert proc.returncode == 2 and "tiny_cpuu" in proc.stderr and "tiny_cpu" in proc.stderr
+
+
+def test_a_failing_compiler_stops_compiled_layers_with_one_line(data, tmp_path):
+    """A real compiler failure (inductor's C++ compiler is /bin/false, an empty compile cache) at the first step."""
+    error = fails(data, tmp_path, env={"CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")},
+                  **{"parallel.compile_layers": "true"})
+    assert "torch.compile failed" in error and "No working C++ compiler" in error, error
+    assert error.endswith("set parallel.compile_layers=false"), error

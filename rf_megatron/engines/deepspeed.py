@@ -55,6 +55,9 @@ def prepare_config(cfg: RunConfig, world_size: int) -> None:
     if cfg.parallel.fp8 or cfg.parallel.transformer_impl != "local":
         raise ConfigError("parallel.fp8 / transformer_impl are Megatron (Transformer Engine) options; "
                           "the DeepSpeed trainer runs the HF model code: unset them")
+    if cfg.parallel.compile_layers:
+        raise ConfigError("parallel.compile_layers is the Megatron trainer's option (the DeepSpeed trainer runs the "
+                          "HF model eagerly): unset it")
     data_parallel = dataclasses.replace(cfg.parallel, tensor_parallel=1, pipeline_parallel=1,
                                         virtual_pipeline_parallel=None, context_parallel=1, sequence_parallel=False,
                                         recompute_granularity=None)

@@ -4,7 +4,8 @@ dist_checkpointing, GPTDataset) behind TrainingLoop's engine contract (rf_megatr
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+import sys
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,18 @@ def _global_loss(losses: List[Dict]) -> float:
     return token_weighted_mean(stats)
 
 
+def compile_error(exc: Exception, parallel) -> Optional[ConfigError]:
+    """A torch.compile failure (no C++ compiler or Triton, a compiler bug) as one line naming the options that
+    avoid it, where this run asked for compilation explicitly (auto's loss falls back by itself); else None."""
+    dynamo = sys.modules.get("torch._dynamo.exc")  # imported by any compilation: nothing to import here
+    way_out = [o for o, on in (("parallel.compile_layers=false", parallel.compile_layers),
+                               ("parallel.cross_entropy=megatron", parallel.cross_entropy == "compiled")) if on]
+    if dynamo is None or not isinstance(exc, dynamo.TorchDynamoException) or not way_out:
+        return None
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return ConfigError(f"torch.compile failed ({first}): set {' and '.join(way_out)}")
+
+
 class Trainer(TrainingLoop):
     """Megatron-Core engine: TP / SP / PP (1F1B, interleaved) / DP with the (distributed) optimizer."""
 
@@ -79,11 +92,17 @@ class Trainer(TrainingLoop):
                     f" x DP{ps.get_data_parallel_world_size()}, {self.stream.num_microbatches} microbatches/step")
 
     def _run_batch(self, microbatches, forward_only=False):
-        return forward_backward(
-            model_chunks=self.model, forward_step_func=_forward_step,
-            data_iterator=chunk_iterators(microbatches, len(self.model)), num_microbatches=len(microbatches),
-            seq_length=self.cfg.model.seq_length, micro_batch_size=self.cfg.train.micro_batch_size,
-            forward_only=forward_only)
+        try:
+            return forward_backward(
+                model_chunks=self.model, forward_step_func=_forward_step,
+                data_iterator=chunk_iterators(microbatches, len(self.model)), num_microbatches=len(microbatches),
+                seq_length=self.cfg.model.seq_length, micro_batch_size=self.cfg.train.micro_batch_size,
+                forward_only=forward_only)
+        except Exception as exc:
+            error = compile_error(exc, self.cfg.parallel)
+            if error is None:
+                raise
+            raise error from exc
 
     def train_step(self):
         for m in self.model:

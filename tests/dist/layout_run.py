@@ -2,7 +2,7 @@
 
 Launched by the tests with torchrun (gloo, CPU mode). `--variants identity@unfused,identity@sdpa` runs a
 variant with a given `model.attention_backend` (default: auto); `+fused_adam` after it turns on optim.fused
-(`vanilla@sdpa+fused_adam`). Every layout starts from the same full
+(`vanilla@sdpa+fused_adam`), `+compile_layers` parallel.compile_layers. Every layout starts from the same full
 weights (drawn per global parameter name) and sees the same global batches, so results from
 different layouts must agree to float tolerance. Output: one torch file per pipeline rank with
   {variant: {"losses": [...], "grad_norms": [...], "grads": {global name: full first-step grad},
@@ -67,14 +67,15 @@ def run_variant(name, args, ps):
 
     variant, _, backend = name.partition("@")
     backend, *options = backend.split("+")
-    unknown = set(options) - {"fused_adam"}
+    unknown = set(options) - {"fused_adam", "compile_layers"}
     assert not unknown, unknown
     model_cfg = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
                             vocab_size=VOCAB, seq_length=SEQ, qk_layernorm=args.qk_layernorm,
                             attention_backend=backend or "auto", **VARIANTS[variant])
     parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp,
                               virtual_pipeline_parallel=args.vpp, sequence_parallel=args.sp,
-                              distributed_optimizer=args.dist_opt, recompute_granularity=args.recompute)
+                              distributed_optimizer=args.dist_opt, recompute_granularity=args.recompute,
+                              compile_layers="compile_layers" in options)
 
     def same_weights_everywhere(chunks):
         full = {}

@@ -4,9 +4,10 @@
 #   1. megatron-core from the wheels in tests/gpu/wheels/ (git-ignored, <= 64 MiB; tests/gpu/README.md says how
 #      to fill it; Transformer Engine does not fit, so its tests skip here)
 #   1b. bench/throughput.py at the resformer_82m shape, its table first: the Megatron engine (sdpa and unfused
-#      attention) next to our HF model in a plain PyTorch loop (SDPA, and torch.compile), tokens/s, MFU, memory
-#      (RF_CHECK_BENCH_ARGS replaces its arguments); then vanilla at resformer_468m, the Megatron engine's MFU there
-#      (about a minute; RF_CHECK_BENCH_468M=0 skips it)
+#      attention; vanilla also with one step option changed per row, compiled layers among them) next to our HF
+#      model in a plain PyTorch loop (SDPA, and torch.compile), tokens/s, MFU, memory (RF_CHECK_BENCH_ARGS replaces
+#      its arguments); then vanilla at resformer_468m, eager and with compiled layers, the Megatron engine's MFU
+#      there (about two minutes; RF_CHECK_BENCH_468M=0 skips it)
 #   2. pytest tests/gpu (GPU-vs-CPU logits parity of every variant, fp32 and bf16; TE / DeepSpeed skip if absent)
 #   3. a synthetic corpus (no downloads), then 40 bf16 steps of vanilla, ResFormer identity, ResFormer learnable
 #      and SVFormer at the resformer_82m shape (seq 2048) through the real entry point
@@ -66,14 +67,14 @@ else THROUGHPUT=${RF_CHECK_BENCH_ARGS:---shape resformer_82m --compile}; fi
 RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=$((29500 + RANDOM % 1000)) \
   timeout "${RF_CHECK_BENCH_TIMEOUT:-480}" "$PY" -W ignore bench/throughput.py $THROUGHPUT > "$WORK/throughput.log" 2>&1 ||
   { echo "throughput bench failed (exit $?):"; tail -15 "$WORK/throughput.log"; }
-grep -E "^(#|\||Megatron sdpa)" "$WORK/throughput.log"
-if [ "$DRY" != 1 ] && [ "${RF_CHECK_BENCH_468M:-1}" = 1 ]; then  # issue #28's MFU figure, about a minute
+grep -E "^(#|\||Megatron )" "$WORK/throughput.log"
+if [ "$DRY" != 1 ] && [ "${RF_CHECK_BENCH_468M:-1}" = 1 ]; then  # issue #28's MFU figure, about two minutes
   say "bench/throughput.py at resformer_468m: the Megatron engine's MFU (vanilla, sdpa) next to the HF model"
   RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=$((29500 + RANDOM % 1000)) \
-    timeout 240 "$PY" -W ignore bench/throughput.py --shape resformer_468m --variants vanilla --backends sdpa \
+    timeout 300 "$PY" -W ignore bench/throughput.py --shape resformer_468m --variants vanilla --backends sdpa --compile-layers \
     --no-ablations --warmup 2 --rounds 3 > "$WORK/throughput_468m.log" 2>&1 ||
     { echo "throughput bench (468M) failed (exit $?):"; tail -15 "$WORK/throughput_468m.log"; }
-  grep -E "^(#|\||Megatron sdpa)" "$WORK/throughput_468m.log"
+  grep -E "^(#|\||Megatron )" "$WORK/throughput_468m.log"
 fi
 
 say "pytest tests/gpu"

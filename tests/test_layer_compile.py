@@ -1,0 +1,61 @@
+"""`parallel.compile_layers`: every transformer layer under torch.compile (rf_megatron/layer_compile.py) computes
+what the eager layer computes, in one graph for all the layers after the first, with no graph break.
+
+Same weights, fp32, logits and gradients within 1e-5 (tests/test_attention_backend.py's 3-layer model). Under
+TP2 x PP2 with sequence parallel: tests/test_attention_backend.py's launch; a failing compiler through the trainer:
+tests/test_pretrain_errors.py.
+"""
+import pytest
+import torch
+
+from rf_megatron.config import ParallelConfig
+from test_attention_backend import logits_and_grads, max_differences
+
+# layers 2 and 3 of a value-residual model trace one graph, layer 1 (which publishes V_1) another; sparse's layer 2
+# is plain attention: a third
+GRAPHS = {"vanilla": 1, "learnable_plus": 2, "sparse": 3, "svformer_gqa": 2}
+
+
+def compiled_counts(run):
+    """(run's result, dynamo's graph count, graph breaks) from a fresh compiler state."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    result = run()
+    return result, counters["stats"]["unique_graphs"], dict(counters["graph_break"])
+
+
+def compiled(case, parallel=None):
+    from rf_megatron import layer_compile
+
+    return logits_and_grads(case, "sdpa", parallel, before=layer_compile.compile_layers)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.mcore_api) if c == "learnable_plus" else c
+                                  for c in GRAPHS])
+def test_compiled_layers_match_eager_in_one_graph_after_the_first(case, megatron_single_rank):
+    got, graphs, breaks = compiled_counts(lambda: compiled(case))
+    logits_err, grad_err = max_differences(got, logits_and_grads(case, "sdpa"))
+    assert logits_err <= 1e-5 and grad_err <= 1e-5, (logits_err, grad_err)
+    assert not breaks and graphs == GRAPHS[case], (graphs, breaks)
+
+
+@pytest.mark.parametrize("granularity", ["selective", "full"])
+def test_compiled_layers_under_recompute_match_eager_without(granularity, megatron_single_rank):
+    got = compiled("identity", ParallelConfig(recompute_granularity=granularity, compile_layers=True))
+    logits_err, grad_err = max_differences(got, logits_and_grads("identity", "sdpa"))
+    assert logits_err <= 1e-5 and grad_err <= 1e-5, (logits_err, grad_err)
+
+
+def test_build_model_compiles_every_layer_when_asked(megatron_single_rank):
+    from rf_megatron.build import build_model
+    from rf_megatron.config import ModelConfig
+    from rf_megatron.model import unwrap
+
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96, vocab_size=128,
+                      seq_length=16)
+    for on in (False, True):
+        chunks, _ = build_model(cfg, ParallelConfig(compile_layers=on))
+        layers = unwrap(chunks[0]).decoder.layers
+        assert [layer._compiled_call_impl is not None for layer in layers] == [on] * 2
