@@ -1,7 +1,7 @@
 """Value residual inside Megatron-Core: the lambda modules of ResFormer's attention layers.
 
 The method itself (the variants, the lambda modes with their parameters and rules, which layers mix, and
-`V'_n = lambda1 * V_1 + lambda2 * V_n`) is described once in `rf_megatron/hf/value_residual_spec.py`, which
+`V'_n = lambda1 * V_1 + lambda2 * V_n`) is described once in `rf_megatron/value_residual_spec.py`, which
 the HF model, the weight maps and the FLOP counts read too. This module only holds a mode's parameters the way
 Megatron needs them: replicated on every TP rank (gradients summed over TP), one checkpoint key per layer, and
 the model-wide parameters (learnable_plus's softmax logits and scale) copied into every pipeline stage.

@@ -9,8 +9,9 @@ For every attention layer n >= 2 (1-based) the values entering attention are
 V_1 is not detached. A lambda mode is its parameters (names, sizes, init) and the rule that turns them into
 (lambda1, lambda2) for one layer; that is all a new mode needs, in MODES below. Megatron's attention
 (rf_megatron/value_residual.py), the HF configuration and modeling code, the weight maps, the parameter and
-FLOP counts and the config checks all read this file. It lives beside the HF code because it is copied next to
-every exported RFGPT model (trust_remote_code loads it with the config), so it imports nothing but torch.
+FLOP counts and the config checks all read this file. It is copied next to every exported RFGPT model
+(trust_remote_code loads it with the config; rf_megatron/hf/value_residual_spec.py re-exports it inside the
+package), so it imports nothing but torch.
 """
 from __future__ import annotations
 

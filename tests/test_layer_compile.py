@@ -48,14 +48,18 @@ def test_compiled_layers_under_recompute_match_eager_without(granularity, megatr
     assert logits_err <= 1e-5 and grad_err <= 1e-5, (logits_err, grad_err)
 
 
-def test_build_model_compiles_every_layer_when_asked(megatron_single_rank):
+def test_build_model_compiles_every_layer_in_place_when_asked(megatron_single_rank):
+    """The same parameter names and checkpoint keys either way: a run may turn the option on or off on resume."""
     from rf_megatron.build import build_model
     from rf_megatron.config import ModelConfig
     from rf_megatron.model import unwrap
 
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96, vocab_size=128,
-                      seq_length=16)
+                      seq_length=16, variant="resformer", lambda_mode="learnable_plus")
+    keys = {}
     for on in (False, True):
         chunks, _ = build_model(cfg, ParallelConfig(compile_layers=on))
-        layers = unwrap(chunks[0]).decoder.layers
-        assert [layer._compiled_call_impl is not None for layer in layers] == [on] * 2
+        model = unwrap(chunks[0])
+        assert [layer._compiled_call_impl is not None for layer in model.decoder.layers] == [on] * 2
+        keys[on] = (set(model.state_dict()), set(model.sharded_state_dict()))
+    assert keys[True] == keys[False]

@@ -80,7 +80,7 @@ fi
 say "pytest tests/gpu"
 "$PY" -m pytest -q -s -p no:cacheprovider tests/gpu -rs > "$WORK/pytest.log" 2>&1
 PYTEST_RC=$?
-grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed|skipped|error|^peak above the inputs" "$WORK/pytest.log" | tail -20
+grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed|skipped|error|^peak above the inputs|: logits vs fp32 " "$WORK/pytest.log" | tail -20
 
 say "synthetic corpus ($DOCS documents) -> tokenizer -> indexed dataset"
 D=$WORK/data
