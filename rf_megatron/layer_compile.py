@@ -26,8 +26,17 @@ class RowParallelLinearWithGroup(RowParallelLinear):
         return super()._forward_impl(input, weight, *args, **kwargs)
 
 
+# graphs per layer kind (layer 1; the mixing layers; sparse's plain ones) x (training; full recompute's no-grad first
+# pass; evaluation): up to 9, where torch's default of 8 would leave the rest eager with a warning
+RECOMPILE_LIMIT = 16
+
+
 def compile_layers(chunks: List) -> None:
-    """Compile every transformer layer of these (unwrapped) model chunks in place."""
+    """Compile every transformer layer of these (unwrapped) model chunks in place. Static shapes: a run has one
+    microbatch shape (a dynamic graph, which torch makes after a shape change, would serve training from then on)."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for chunk in chunks:
         for layer in chunk.decoder.layers:
-            layer.compile()
+            layer.compile(dynamic=False)

@@ -12,6 +12,7 @@ the `[b, heads, s, s]` scores materialised) or `te` (Transformer Engine's, the T
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -59,15 +60,22 @@ def _base_layer_spec(model: ModelConfig, transformer_impl: str) -> ModuleSpec:
                                                     normalization=model.normalization)
     sub = spec.submodules
     attn = sub.self_attention
-    attn_sub = attn.submodules
-    attn_sub = dataclasses.replace(attn_sub, linear_proj=RowParallelLinearWithGroup)
+    attn_sub = dataclasses.replace(attn.submodules, linear_proj=RowParallelLinearWithGroup)
     if model.qk_layernorm:
         attn_sub = dataclasses.replace(attn_sub, q_layernorm=SequenceParallelNorm, k_layernorm=SequenceParallelNorm)
-    mlp = dataclasses.replace(sub.mlp, submodules=dataclasses.replace(sub.mlp.submodules,
-                                                                      linear_fc2=RowParallelLinearWithGroup))
     sub = dataclasses.replace(sub, input_layernorm=SequenceParallelNorm, pre_mlp_layernorm=SequenceParallelNorm,
-                              self_attention=dataclasses.replace(attn, submodules=attn_sub), mlp=mlp)
+                              self_attention=dataclasses.replace(attn, submodules=attn_sub),
+                              mlp=_with_linear_fc2(sub.mlp, RowParallelLinearWithGroup))
     return dataclasses.replace(spec, submodules=sub)
+
+
+def _with_linear_fc2(mlp, linear):
+    """The MLP's spec with its `linear_fc2` replaced: a ModuleSpec (Megatron-Core 0.16) or a `functools.partial`
+    builder holding the submodules (0.19)."""
+    if isinstance(mlp, functools.partial):
+        submodules = dataclasses.replace(mlp.keywords["submodules"], linear_fc2=linear)
+        return functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": submodules})
+    return dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, linear_fc2=linear))
 
 
 def layer_spec(model: ModelConfig, transformer_impl: str = "local", v1=None) -> ModuleSpec:
