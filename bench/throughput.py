@@ -85,10 +85,8 @@ def megatron_path(model_cfg, parallel, optim, variant: str, backend: str, kernel
     import dataclasses
 
     from rf_megatron.build import build_model, build_optimizer, build_scheduler
-    from rf_megatron.data import chunk_iterators
     from rf_megatron.flops import training_flops_per_token
-    from rf_megatron.schedule import forward_backward
-    from rf_megatron.engines.megatron import _forward_step, _global_loss
+    from rf_megatron.engines.megatron import _global_loss, run_global_batch
 
     cfg = dataclasses.replace(model_cfg, attention_backend=backend)
     state = {}
@@ -101,10 +99,7 @@ def megatron_path(model_cfg, parallel, optim, variant: str, backend: str, kernel
         for m in model:
             m.zero_grad_buffer()
         optimizer.zero_grad()
-        loss = _global_loss(forward_backward(
-            model_chunks=model, forward_step_func=_forward_step,
-            data_iterator=chunk_iterators(microbatches, len(model)), num_microbatches=len(microbatches),
-            seq_length=cfg.seq_length, micro_batch_size=microbatches[0]["tokens"].shape[0]))
+        loss = _global_loss(run_global_batch(model, microbatches, cfg.seq_length))
         _, grad_norm, _ = optimizer.step()
         float(grad_norm)
         state["scheduler"].step(increment=1)

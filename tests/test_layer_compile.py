@@ -63,3 +63,46 @@ def test_build_model_compiles_every_layer_in_place_when_asked(megatron_single_ra
         assert [layer._compiled_call_impl is not None for layer in model.decoder.layers] == [on] * 2
         keys[on] = (set(model.state_dict()), set(model.sharded_state_dict()))
     assert keys[True] == keys[False]
+
+
+def train_then_evaluate(compile_layers: bool):
+    """Two optimizer steps and one evaluation through Megatron's schedule and optimizer, as the trainer runs them
+    (rf_megatron/engines/megatron.py): (train losses, eval loss)."""
+    from rf_megatron.build import build_model, build_optimizer
+    from rf_megatron.config import ModelConfig, OptimConfig
+    from rf_megatron.data import causal_mask
+    from rf_megatron.engines.megatron import _global_loss, run_global_batch
+
+    cfg = ModelConfig(num_layers=3, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96, vocab_size=128,
+                      seq_length=16, variant="resformer", lambda_mode="learnable")
+    torch.manual_seed(0)
+    model, _ = build_model(cfg, ParallelConfig(compile_layers=compile_layers))
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-2, lr_warmup_steps=0), ParallelConfig())
+    g = torch.Generator().manual_seed(1)
+
+    def batch():
+        t = torch.randint(0, 128, (2, 17), generator=g)
+        return [dict(tokens=t[:, :-1], labels=t[:, 1:], loss_mask=torch.ones(2, 16), attention_mask=causal_mask(16),
+                     position_ids=torch.arange(16).expand(2, -1))] * 2
+
+    def run(microbatches, forward_only=False):
+        return _global_loss(run_global_batch(model, microbatches, 16, forward_only))
+
+    losses = []
+    for _ in range(2):
+        model[0].zero_grad_buffer()
+        optimizer.zero_grad()
+        losses.append(run(batch()))
+        optimizer.step()
+    model[0].eval()
+    with torch.no_grad():
+        evaluated = run(batch(), forward_only=True)
+    model[0].train()
+    return losses, evaluated
+
+
+def test_training_steps_and_evaluation_match_eager(megatron_single_rank):
+    """Through the trainer's schedule, optimizer and evaluation mode (its own graphs): the same losses."""
+    (eager_losses, eager_eval), (losses, evaluated) = train_then_evaluate(False), train_then_evaluate(True)
+    assert torch.allclose(torch.tensor(losses + [evaluated]), torch.tensor(eager_losses + [eager_eval]),
+                          rtol=0, atol=1e-5), (losses, evaluated, eager_losses, eager_eval)

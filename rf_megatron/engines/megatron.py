@@ -41,6 +41,15 @@ def _forward_step(data_iterator, model):
     return output, lambda out: _loss_func(batch["loss_mask"], out)
 
 
+def run_global_batch(model: List, microbatches: List[Dict], seq_length: int, forward_only: bool = False) -> List[Dict]:
+    """Megatron's schedule (rf_megatron/schedule.py) over one global batch of host microbatches on this rank: forward
+    and backward (or forward only), each microbatch's {"lm loss": [loss sum, tokens]} on the loss stage."""
+    return forward_backward(
+        model_chunks=model, forward_step_func=_forward_step,
+        data_iterator=chunk_iterators(microbatches, len(model)), num_microbatches=len(microbatches),
+        seq_length=seq_length, micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=forward_only)
+
+
 def holds_the_loss() -> bool:
     """The last pipeline stage's TP rank 0 holds the losses (one copy per data-parallel replica)."""
     return ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
@@ -93,11 +102,7 @@ class Trainer(TrainingLoop):
 
     def _run_batch(self, microbatches, forward_only=False):
         try:
-            return forward_backward(
-                model_chunks=self.model, forward_step_func=_forward_step,
-                data_iterator=chunk_iterators(microbatches, len(self.model)), num_microbatches=len(microbatches),
-                seq_length=self.cfg.model.seq_length, micro_batch_size=self.cfg.train.micro_batch_size,
-                forward_only=forward_only)
+            return run_global_batch(self.model, microbatches, self.cfg.model.seq_length, forward_only)
         except Exception as exc:
             error = compile_error(exc, self.cfg.parallel)
             if error is None:
