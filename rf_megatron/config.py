@@ -167,6 +167,9 @@ class ParallelConfig:
              "ranks needs megatron or megatron_fused)")
         need(not self.compile_layers or self.transformer_impl == "local",
              "compile_layers needs transformer_impl=local (Transformer Engine's modules are not compiled here)")
+        need(not (self.compile_layers and self.recompute_granularity == "selective"),
+             "compile_layers with recompute_granularity=selective: Megatron's recomputed core attention breaks every "
+             "compiled layer in pieces, and SDPA keeps no [s, s] scores to save; use full recompute or none")
         need(self.recompute_method in ("uniform", "block"),
              f"recompute_method={self.recompute_method!r}: choose uniform or block")
         if world_size is not None:

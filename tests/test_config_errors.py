@@ -96,6 +96,11 @@ def test_compiled_layers_need_the_local_spec():
         "compile_layers needs transformer_impl=local (Transformer Engine's modules are not compiled here)"
 
 
+def test_compiled_layers_refuse_selective_recompute():
+    msg = error_of(parallel=ParallelConfig(compile_layers=True, recompute_granularity="selective"))
+    assert msg.startswith("compile_layers with recompute_granularity=selective") and "use full recompute" in msg
+
+
 def test_te_attention_backend_needs_the_transformer_engine_spec():
     assert error_of(ModelConfig(attention_backend="te")) == \
         "attention_backend=te needs parallel.transformer_impl=transformer_engine"

@@ -33,7 +33,10 @@ WORDS = ("the king queen of and to a in that is my thou thee thy with not be his
 
 
 def load_tool(name):
-    """Import tools/<name>.py as module `name` (registered so Pool workers can unpickle _encode)."""
+    """Import tools/<name>.py as module `name` (registered, and tools/ on the path, so that the spawned Pool workers
+    import it by that name to unpickle _encode)."""
+    if str(REPO / "tools") not in sys.path:
+        sys.path.append(str(REPO / "tools"))
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)

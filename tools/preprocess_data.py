@@ -111,7 +111,11 @@ def tokenized(args, tokenizer, dtype):
         _init(tokenizer, args.append_eod, dtype, in_worker=False)
         yield from map(_encode, documents(args))
         return
-    with multiprocessing.Pool(args.workers, _init, (tokenizer, args.append_eod, dtype)) as pool:
+    # spawned, not forked: this process has native threads (numpy's BLAS pool; torch, imported for the builder) and
+    # a SIGTERM handler, and a forked worker can inherit a lock one of them held: once, under load, a worker sat in a
+    # futex wait after the last document and the pool's shutdown waited for it forever
+    pool = multiprocessing.get_context("spawn").Pool(args.workers, _init, (tokenizer, args.append_eod, dtype))
+    with pool:
         yield from pool.imap(_encode, documents(args), chunksize=args.chunk_size)
 
 

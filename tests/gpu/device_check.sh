@@ -1,6 +1,7 @@
 #!/bin/bash
 # One-shot check on ONE H100/H200 with no internet (issue #12): Python 3.12, torch, transformers and sentencepiece
-# installed, megatron-core not. About 9 minutes:
+# installed, megatron-core not. About 12 minutes in all (an estimate: no GPU has run the
+# compiled rows yet), in two calls of RF_CHECK_PARTS below:
 #   1. megatron-core from the wheels in tests/gpu/wheels/ (git-ignored, <= 64 MiB; tests/gpu/README.md says how
 #      to fill it; Transformer Engine does not fit, so its tests skip here)
 #   1b. bench/throughput.py at the resformer_82m shape, its table first: the Megatron engine (sdpa and unfused
@@ -18,6 +19,9 @@
 #      RF_CHECK_QUALITY_MINUTES (2) of training each, on the English corpus in RF_CHECK_QUALITY_DATA (data/english:
 #      tools/build_english_corpus.py, carried), the held-out set scored whole; RF_CHECK_QUALITY_ARGS is appended.
 #      About 8.5 minutes with =only (tests/gpu/README.md)
+# RF_CHECK_PARTS (default bench,pytest,train,overhead: 1b / 2 / 3-4 / 5) runs only the parts named: the whole
+#   check takes longer than one 10-minute device call, so a session runs RF_CHECK_PARTS=bench (about 6 minutes) and
+#   RF_CHECK_PARTS=pytest,train,overhead (about 6) as two calls (tests/gpu/README.md).
 # RF_CHECK_OVERRIDES="key=value ..." is appended to every training command (e.g. parallel.fusions=false).
 # DRY_RUN=1 does all of it on a CPU machine: the simulated GPU (RF_MEGATRON_CPU=simulate-gpu), a tiny shape, 2 steps.
 #   bash tests/gpu/device_check.sh            RF_CHECK_OUT=DIR also copies the logs there (device_check_logs.tgz)
@@ -30,6 +34,11 @@ WORK=${RF_CHECK_DIR:-/tmp/rf-device-check}
 DRY=${DRY_RUN:-0}
 QUALITY=${RF_CHECK_QUALITY:-0}
 case "$QUALITY" in 0|1|only) ;; *) echo "error: RF_CHECK_QUALITY=$QUALITY: 0, 1 or only"; exit 2;; esac
+PARTS=${RF_CHECK_PARTS:-bench,pytest,train,overhead}
+for p in ${PARTS//,/ }; do
+  case "$p" in bench|pytest|train|overhead) ;; *) echo "error: RF_CHECK_PARTS=$PARTS: $p is not one of bench, pytest, train, overhead"; exit 2;; esac
+done
+part() { [[ ",$PARTS," == *",$1,"* ]]; }
 QDATA=${RF_CHECK_QUALITY_DATA:-$REPO/data/english}
 T0=$SECONDS
 say() { echo "== [$((SECONDS - T0)) s] $*"; }
@@ -59,29 +68,34 @@ print(f"python torch {torch.__version__} (CUDA {torch.version.cuda}), megatron-c
       f"transformers {transformers.__version__}, GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
 PY
 
-PYTEST_RC=0; TABLE_RC=0; QUALITY_RC=0; NAMES=()
+PYTEST_RC=0; TABLE_RC=0; QUALITY_RC=0; BENCH_RC=0; NAMES=()
 if [ "$QUALITY" != only ]; then  # steps 1b-5
+if part bench; then
 say "bench/throughput.py: the Megatron engine next to the HF model in a plain PyTorch loop, alternating steps"
 if [ "$DRY" = 1 ]; then THROUGHPUT="--shape tiny --warmup 0 --rounds 1"
 else THROUGHPUT=${RF_CHECK_BENCH_ARGS:---shape resformer_82m --compile}; fi
 RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=$((29500 + RANDOM % 1000)) \
   timeout "${RF_CHECK_BENCH_TIMEOUT:-480}" "$PY" -W ignore bench/throughput.py $THROUGHPUT > "$WORK/throughput.log" 2>&1 ||
-  { echo "throughput bench failed (exit $?):"; tail -15 "$WORK/throughput.log"; }
+  { BENCH_RC=$?; echo "throughput bench failed (exit $BENCH_RC):"; tail -15 "$WORK/throughput.log"; }
 grep -E "^(#|\||Megatron )" "$WORK/throughput.log"
 if [ "$DRY" != 1 ] && [ "${RF_CHECK_BENCH_468M:-1}" = 1 ]; then  # issue #28's MFU figure, about two minutes
   say "bench/throughput.py at resformer_468m: the Megatron engine's MFU (vanilla, sdpa) next to the HF model"
   RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=$((29500 + RANDOM % 1000)) \
     timeout 300 "$PY" -W ignore bench/throughput.py --shape resformer_468m --variants vanilla --backends sdpa --compile-layers \
     --no-ablations --warmup 2 --rounds 3 > "$WORK/throughput_468m.log" 2>&1 ||
-    { echo "throughput bench (468M) failed (exit $?):"; tail -15 "$WORK/throughput_468m.log"; }
+    { BENCH_RC=$?; echo "throughput bench (468M) failed (exit $BENCH_RC):"; tail -15 "$WORK/throughput_468m.log"; }
   grep -E "^(#|\||Megatron )" "$WORK/throughput_468m.log"
 fi
+fi
 
+if part pytest; then
 say "pytest tests/gpu"
 "$PY" -m pytest -q -s -p no:cacheprovider tests/gpu -rs > "$WORK/pytest.log" 2>&1
 PYTEST_RC=$?
 grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed|skipped|error|^peak above the inputs|: logits vs fp32 " "$WORK/pytest.log" | tail -20
+fi
 
+if part train; then
 say "synthetic corpus ($DOCS documents) -> tokenizer -> indexed dataset"
 D=$WORK/data
 "$PY" tests/gpu/device_check.py corpus "$D" --documents "$DOCS" &&
@@ -105,13 +119,16 @@ for spec in "${RUNS[@]}"; do
     { echo "run $name failed (exit $?):"; grep -v "^\s*$" "$WORK/runs/$name.log" | tail -15; }
   grep -E "^step .*/" "$WORK/runs/$name.log" | tail -1
 done
+fi
 
+if part overhead; then
 say "bench/value_residual_overhead.py: the three models side by side, alternating timed steps"
 if [ "$DRY" = 1 ]; then BENCH="--layers 2 --hidden 64 --heads 2 --seq 128 --rounds 2"
 else BENCH="--layers 8 --hidden 512 --heads 8 --seq 2048 --micro-batch 8 --microbatches 4 --dtype bf16 --vocab 50304 --rounds 10 --warmup 3"; fi
 RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=$((29500 + RANDOM % 1000)) \
   timeout 300 "$PY" -W ignore bench/value_residual_overhead.py $BENCH > "$WORK/bench.log" 2>&1 || echo "bench failed (exit $?)"
 grep -E "^#|x$|bytes" "$WORK/bench.log"
+fi
 
 fi
 
@@ -151,13 +168,15 @@ if [ -n "${RF_CHECK_OUT:-}" ]; then
 fi
 say "summary${SHAPE:+ (DRY RUN on the simulated GPU: plumbing only, no GPU figures)}"
 if [ "$QUALITY" != only ]; then
-  grep -E "passed|failed" "$WORK/pytest.log" | tail -1 | sed 's/^/pytest tests\/gpu: /'
-  "$PY" tests/gpu/device_check.py table "$WORK/runs" "${NAMES[@]}"
-  TABLE_RC=$?
+  part pytest && grep -E "passed|failed" "$WORK/pytest.log" | tail -1 | sed 's/^/pytest tests\/gpu: /'
+  if part train; then
+    "$PY" tests/gpu/device_check.py table "$WORK/runs" "${NAMES[@]}"
+    TABLE_RC=$?
+  fi
 fi
 if [ "$QUALITY" != 0 ] && [ -f "$WORK/quality/report.md" ]; then
   grep -E "^resformer_82m:|^at [0-9,]+ tokens/s|^  [a-z]+ seed [0-9]+:" "$WORK/quality.log"
   cat "$WORK/quality/report.md"
   grep -E "^wrote " "$WORK/quality.log"
 fi
-[ "$PYTEST_RC" = 0 ] && [ "$TABLE_RC" = 0 ] && [ "$QUALITY_RC" = 0 ]
+[ "$PYTEST_RC" = 0 ] && [ "$TABLE_RC" = 0 ] && [ "$QUALITY_RC" = 0 ] && [ "$BENCH_RC" = 0 ]

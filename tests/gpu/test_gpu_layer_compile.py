@@ -23,7 +23,9 @@ def model_of(case, dtype, device):
 
     cfg = ModelConfig(num_layers=4, hidden_size=256, num_attention_heads=4, ffn_hidden_size=512, vocab_size=VOCAB,
                       seq_length=SEQ, **CASES[case])
-    return build_model_chunks(cfg, build_transformer_config(cfg, ParallelConfig(params_dtype=dtype)))[0].to(device)
+    # the transformer config a compiled run gets (apex's gradient-accumulation fusion off)
+    parallel = ParallelConfig(params_dtype=dtype, compile_layers=True)
+    return build_model_chunks(cfg, build_transformer_config(cfg, parallel))[0].to(device)
 
 
 def logits_and_grads(model, device):
