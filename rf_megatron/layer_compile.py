@@ -1,14 +1,16 @@
 """torch.compile of every transformer layer (`parallel.compile_layers`), as torchtitan compiles each block.
 
 Each layer is compiled in place (`nn.Module.compile`: the same module, parameters and checkpoint keys), so
-Megatron's DDP hooks, the optimizer and dist_checkpointing see the model they always see. The layers of a model
-are built alike, so dynamo traces one graph for them all (two with value residual: layer 1, which publishes
-V_1, and the rest). Two things would break that, and are fixed for eager runs too:
+Megatron's DDP hooks, the optimizer and dist_checkpointing see the model they always see. Layers built alike
+share one graph (layer 1, which publishes V_1, has its own; so do sparse's plain layers). Three things would break
+that, and are fixed for eager runs too:
 - Megatron's `RowParallelLinear` passes `tp_group=None` to its matmul, which then warns (a DeprecationWarning on
   rank 0, every call) and looks up the default group: a graph break in every layer. `RowParallelLinearWithGroup`
   passes its own group (the spec swaps it in).
 - value-residual attention branches on a flag set at construction (`publishes_v1`), not on `layer_number`,
-  which dynamo would specialise on: one graph per layer.
+  which dynamo would specialise on: one graph per layer;
+- learnable_plus picks its layer's share of the model-wide softmax with an index tensor, not an int
+  (rf_megatron/value_residual.py), for the same reason.
 """
 from __future__ import annotations
 
