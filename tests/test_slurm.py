@@ -383,6 +383,24 @@ def test_crash_loop_stops_at_max_restarts(cluster, data, tmp_path):
     assert "already restarted 1 times (RF_MAX_RESTARTS=1): giving up" in log
 
 
+def test_an_error_line_from_the_trainer_fails_the_job_without_a_requeue(cluster, data, tmp_path):
+    """Exit 2 after launch (an error only a launched run finds, e.g. a checkpoint dir another run holds): the same
+    line would come after every requeue."""
+    fake = tmp_path / "refusing-python"
+    fake.write_text(f'#!/bin/sh\n# the pre-flight check runs for real; the rank says an error line\n'
+                    f'[ -n "$RANK" ] && {{ echo "error: simulated refusal" >&2; exit 2; }}\n'
+                    f'exec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    job = sbatch("pretrain.sbatch", "tiny_cpu", *overrides(data, **{"parallel.tensor_parallel": 1}),
+                 env=job_env(tmp_path, RF_EXP="refused", RF_PYTHON=fake, RF_MAX_RESTARTS=3),
+                 sbatch_args=["--nodes=1", "--ntasks-per-node=1", f"--output={tmp_path}/job-%j.out"])
+    (rec,) = wait_jobs(job, timeout=120)
+    log = log_text(rec)
+    assert (rec["JobState"], rec["ExitCode"], rec["Restarts"]) == ("FAILED", "2:0", "0"), f"{rec}\n{log[-3000:]}"
+    assert "error: simulated refusal" in log and "not requeueing: fix it and resubmit" in log, log
+    assert "requeueing (restart" not in log, log
+
+
 def test_preflight_errors_are_one_line_and_launch_nothing(cluster, data, tmp_path):
     def submit(*args, nodes=1, tasks=2):
         return subprocess.Popen([sys.executable, str(SLURM / "submit.py"), "--gpus-per-node", "0", "--nodes", str(nodes),
