@@ -144,8 +144,6 @@ def rewind(root, latest: Path, say: Callable[[str], None], rank0: bool) -> Path:
     return target
 
 
-
-
 def batches_to_skip(checkpoint: Optional[Path]) -> int:
     """Global batches to skip when resuming from `checkpoint` (set by a rewind to it)."""
     if checkpoint is None:
