@@ -37,4 +37,6 @@ done
 # wait returned early for a trap and the trainer exited meanwhile: its status is still pending
 [ "$RC" -gt 128 ] && { wait "$PID" 2>/dev/null; r=$?; [ "$r" = 127 ] || RC=$r; }
 [ -n "$RESENDER" ] && kill "$RESENDER" 2>/dev/null
+# exit 2 is the trainer's one-line error: tell the batch script, which may see another task's code from srun
+[ "$RC" = 2 ] && [ -n "${RF_ERROR_MARK:-}" ] && touch "$RF_ERROR_MARK" 2>/dev/null
 exit "$RC"

@@ -401,6 +401,22 @@ def test_an_error_line_from_the_trainer_fails_the_job_without_a_requeue(cluster,
     assert "requeueing (restart" not in log, log
 
 
+def test_an_error_line_from_a_job_of_several_ranks_fails_it_without_a_requeue(cluster, data, tmp_path):
+    """The real trainer on 2 nodes x 1 task, a real compiler failure (inductor's C++ compiler is /bin/false) at the
+    first step: rank 0 says it and exits 2 while rank 1 waits for that (rf_megatron/entry_point.py), so srun
+    --kill-on-bad-exit ends rank 1 and reports its 143, not the 2; the job used to be requeued on that."""
+    env = job_env(tmp_path, RF_EXP="refused2", RF_MAX_RESTARTS=2, CXX="/bin/false",
+                  TORCHINDUCTOR_CACHE_DIR=tmp_path / "inductor-cache")
+    job = sbatch("pretrain.sbatch", "tiny_cpu", *overrides(data, **{"parallel.compile_layers": "true"}), env=env,
+                 sbatch_args=["--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/job-%j.out"])
+    (rec,) = wait_jobs(job, timeout=240)
+    log = log_text(rec)
+    assert (rec["JobState"], rec["ExitCode"], rec["Restarts"]) == ("FAILED", "2:0", "0"), f"{rec}\n{log[-3000:]}"
+    assert log.count("error: torch.compile failed") == 1, log
+    assert "not requeueing: fix it and resubmit" in log and "requeueing (restart" not in log, log
+    assert not list((tmp_path / "refused2").glob(".*")), "a mark file of the job was left in the run's folder"
+
+
 def test_preflight_errors_are_one_line_and_launch_nothing(cluster, data, tmp_path):
     def submit(*args, nodes=1, tasks=2):
         return subprocess.Popen([sys.executable, str(SLURM / "submit.py"), "--gpus-per-node", "0", "--nodes", str(nodes),
