@@ -112,4 +112,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from rf_megatron.quiet import silence_known_warnings
+
+    silence_known_warnings()  # the warnings a user did not cause (Megatron on a machine without Apex / TE)
     main()
