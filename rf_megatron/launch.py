@@ -74,6 +74,7 @@ def _launch(config, cmd, cmd_args, exits: Path) -> int:
     from torch.distributed.launcher.api import elastic_launch
 
     _quiet_torchrun()  # again: the imports above made more of its loggers
+    _pass_a_second_interrupt_on()
     try:
         elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
     except ChildFailedError as exc:
@@ -87,9 +88,29 @@ def _launch(config, cmd, cmd_args, exits: Path) -> int:
     return 0
 
 
-def _stopped(signum: int, exits: Path, nproc: int) -> int:
-    """The launcher got a stop signal: the elastic agent passed it on and waited for the ranks. 0 when every local
-    rank saved and exited 0; a second signal while they still run (a second Ctrl-C) goes to them at once."""
+def _pass_a_second_interrupt_on() -> None:
+    """The ranks run in sessions of their own: only this launcher gets the terminal's Ctrl-C. torch's agent answers
+    a stop signal by passing it to the ranks and waiting for them (they save); a second Ctrl-C raises inside that
+    wait, and the agent then sends SIGTERM, which a rank takes for a first stop request: it goes on and saves. So
+    from the second SIGINT on, pass SIGINT itself to the ranks, which then exit at once (rf_megatron/signals.py)."""
+    from torch.distributed.elastic.multiprocessing import api
+
+    agents_handler = getattr(api, "_terminate_process_handler", None)  # the agent's, for SIGINT / SIGTERM
+    if agents_handler is None:  # another torch: its own behaviour
+        return
+    stopping = []
+
+    def handler(signum, frame):
+        if stopping and signum == signal.SIGINT:
+            _signal_workers(signal.SIGINT)
+            return
+        stopping.append(signum)
+        agents_handler(signum, frame)
+
+    api._terminate_process_handler = handler
+
+
+def _signal_workers(signum: int) -> list:
     import psutil
 
     workers = psutil.Process().children()
@@ -98,7 +119,15 @@ def _stopped(signum: int, exits: Path, nproc: int) -> int:
             worker.send_signal(signum)
         except psutil.Error:
             pass
-    psutil.wait_procs(workers, timeout=30)
+    return workers
+
+
+def _stopped(signum: int, exits: Path, nproc: int) -> int:
+    """The launcher got a stop signal: the elastic agent passed it on and waited for the ranks. 0 when every local
+    rank saved and exited 0; a second signal while they still run (a second Ctrl-C) goes to them at once."""
+    import psutil
+
+    psutil.wait_procs(_signal_workers(signum), timeout=30)
     codes = [path.read_text() for path in exits.glob("rank*")]
     return 0 if len(codes) == nproc and set(codes) == {"0"} else 128 + signum
 

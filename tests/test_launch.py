@@ -29,10 +29,17 @@ def plain_command(data, **extra):
             *(a for a in args if not a.startswith(("logging.dir=", "checkpoint.dir=")))]
 
 
-def ctrl_c(data, cwd, presses):
-    """Start a plain-python run, and once it has logged 3 steps press Ctrl-C `presses` times (SIGINT to the
-    process group, as a terminal sends it). Returns (exit code, output)."""
-    proc = subprocess.Popen(plain_command(data), cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+def launcher_command(data):
+    """The same run as 2 ranks (TP2) under our launcher."""
+    return [sys.executable, "-m", "rf_megatron.launch", "--nproc-per-node", "2", str(TRAIN),
+            *plain_command(data)[2:], "parallel.tensor_parallel=2"]
+
+
+def ctrl_c(data, cwd, presses, command=plain_command):
+    """Start a run (a plain-python one unless `command` says), and once it has logged 3 steps press Ctrl-C `presses`
+    times (SIGINT to its process group, as a terminal sends it: our launcher's ranks run in sessions of their own).
+    Returns (exit code, output)."""
+    proc = subprocess.Popen(command(data), cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     metrics = cwd / "runs" / NAME / "metrics.jsonl"
     deadline = time.time() + 300
@@ -87,6 +94,23 @@ def test_second_ctrl_c_exits_at_once_without_saving(data, tmp_path):
     code, out = ctrl_c(data, tmp_path, presses=2)
     assert code == 130, out[-3000:]
     assert "second interrupt: exiting now, without saving" in out and "saved checkpoint" not in out
+    assert not (tmp_path / "runs" / NAME / "checkpoints" / "latest").exists()
+
+
+def test_ctrl_c_under_the_launcher_saves_and_exits_0(data, tmp_path):
+    code, out = ctrl_c(data, tmp_path, presses=1, command=launcher_command)
+    latest = tmp_path / "runs" / NAME / "checkpoints" / "latest"
+    assert code == 0 and latest.exists(), out[-3000:]
+    stopped = int(latest.read_text().split("_")[1])
+    assert f"signal SIGINT: saving at step {stopped} and exiting" in out and "Traceback" not in out, out[-3000:]
+
+
+def test_second_ctrl_c_under_the_launcher_exits_at_once_without_saving(data, tmp_path):
+    """The launcher's ranks do not see the terminal's Ctrl-C: the launcher passes it on. torch's agent answered a
+    second press with SIGTERM, which the ranks took for a first stop request: they went on and saved."""
+    code, out = ctrl_c(data, tmp_path, presses=2, command=launcher_command)
+    assert code == 130, out[-3000:]
+    assert "second interrupt: exiting now, without saving" in out and "saved checkpoint" not in out, out[-3000:]
     assert not (tmp_path / "runs" / NAME / "checkpoints" / "latest").exists()
 
 

@@ -145,8 +145,8 @@ class Trainer(TrainingLoop):
                 if lam is not None and lam.learnable:
                     with torch.no_grad():
                         l1, l2 = lam()
-                    mine[f"lambda1/layer{layer.layer_number}"] = float(l1)
-                    mine[f"lambda2/layer{layer.layer_number}"] = float(l2)
+                    mine[f"lambda1/layer{layer.layer_number}"] = float(l1.detach())  # may be the parameter
+                    mine[f"lambda2/layer{layer.layer_number}"] = float(l2.detach())
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
         return {k: v for part in gathered for k, v in sorted(part.items())}
