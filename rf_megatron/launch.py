@@ -20,7 +20,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 EXIT_DIR = "RF_LAUNCH_EXIT_DIR"  # where each worker leaves its exit code (report_exit) for the launcher
 SAVE_SECONDS = "600"  # how long a stop signal waits for the ranks to save before they are killed
@@ -51,18 +51,38 @@ def _quiet_torchrun() -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def _fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _parse(argv: List[str]):
+    """torchrun's options, with a mistake said in one line instead of argparse's 19-line usage block."""
+    from torch.distributed.run import get_args_parser
+
+    parser = get_args_parser()
+    parser.error = lambda message: _fail(f"{message} (--help lists the options)")
+    args = parser.parse_args(argv)
+    if not (args.module or args.no_python or os.path.isfile(args.training_script)):
+        _fail(f"{args.training_script}: no such file")  # else every rank says it, after the rendezvous
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    from torch.distributed.run import config_from_args, parse_args
+    from torch.distributed.run import config_from_args
 
     _quiet_torchrun()
-    args = parse_args(sys.argv[1:] if argv is None else argv)  # torchrun's own options and errors
+    args = _parse(sys.argv[1:] if argv is None else argv)
     if args.standalone or (args.rdzv_backend == "static" and not args.rdzv_endpoint and args.master_port is None
                            and args.nnodes in ("1", "1:1")):
         args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
     if args.master_port is None:
         args.master_port = 29500
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SAVE_SECONDS)
-    config, cmd, cmd_args = config_from_args(args)
+    try:
+        config, cmd, cmd_args = config_from_args(args)
+    except (ValueError, AssertionError, RuntimeError) as exc:  # a value torchrun refuses (--nproc-per-node two)
+        _fail(str(exc).strip().splitlines()[0])
     with tempfile.TemporaryDirectory(prefix="rf-launch-") as exits:
         os.environ[EXIT_DIR] = exits
         return _launch(config, cmd, cmd_args, Path(exits))

@@ -176,3 +176,30 @@ def test_a_config_error_is_said_when_rank_0_starts_last(data, tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert lines == ["error: unknown option train.train_stepz (did you mean train.train_steps?)"], lines
+
+
+def launch(*args, cwd=REPO):
+    """Our launcher with these arguments: (exit code, the non-blank lines it and its ranks printed)."""
+    proc = subprocess.run([sys.executable, "-m", "rf_megatron.launch", *map(str, args)], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    return proc.returncode, [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("options, error", [
+    (["--nproc-per-node", "two"], "error: Unsupported nproc_per_node value: two"),
+    (["--num-procs", "2"], "error: unrecognized arguments: --num-procs"),
+    (["--nnodes", "2:1"], "error: min_nodes must be > 0 and <= max_nodes, got min_nodes=2, max_nodes=1"),
+])
+def test_a_wrong_launcher_option_is_one_error_line(options, error):
+    code, lines = launch(*options, TRAIN, "--config", "tiny_cpu")
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(error), lines
+
+
+def test_a_mistyped_script_is_one_error_line_and_starts_nothing():
+    code, lines = launch("--nproc-per-node", "2", "pretrain/pretrain_resformr.py", "--config", "tiny_cpu")
+    assert (code, lines) == (2, ["error: pretrain/pretrain_resformr.py: no such file"]), lines
+
+
+def test_an_unknown_script_option_is_said_once_under_the_launcher():
+    code, lines = launch("--nproc-per-node", "2", TRAIN, "--config", "tiny_cpu", "--bogus-flag")
+    assert code == 2 and lines == ["error: unrecognized arguments: --bogus-flag (--help lists the options)"], lines

@@ -11,6 +11,7 @@ import os
 
 from .. import child_lifetime
 from ..entry_point import run_entry_point
+from ..errors import ArgumentParser
 from ..resume import stop_if_finished
 from ..run_config import load_run_config
 
@@ -19,12 +20,12 @@ child_lifetime.install()
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny_cpu", help="preset name or YAML path")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
 
     def build():
+        args = parser.parse_args(argv)  # a mistake here is a ConfigError: one line for the job
         cfg = load_run_config(args.config, args.overrides)  # config errors come before the slow imports
         stop_if_finished(cfg)  # a finished run (a re-run sweep, a resubmitted job) ends here, as fast, on any layout
         cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # every problem of the config in one line

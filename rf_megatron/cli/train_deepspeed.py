@@ -19,6 +19,7 @@ import argparse
 
 from .. import child_lifetime
 from ..entry_point import run_entry_point
+from ..errors import ArgumentParser
 from ..resume import stop_if_finished
 from ..run_config import load_run_config
 
@@ -27,7 +28,7 @@ child_lifetime.install()
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny_cpu", help="run config preset or YAML path")
     p.add_argument("--deepspeed", help="zero1 | zero2 | zero3 or a DeepSpeed JSON file (deepspeed.config)")
     p.add_argument("--zero-stage", type=int, help="override the ZeRO stage (deepspeed.zero_stage)")
@@ -38,16 +39,16 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    overrides = list(args.overrides)
-    for flag, key in ((args.deepspeed, "config"), (args.zero_stage, "zero_stage"), (args.from_hf, "init_from_hf")):
-        if flag is not None:
-            overrides.append(f"deepspeed.{key}={flag}")
     from ..hf.cli import quiet
 
     quiet()
 
     def build():
+        args = parse_args(argv)  # a mistake here is a ConfigError: one line for the job
+        overrides = list(args.overrides)
+        for flag, key in ((args.deepspeed, "config"), (args.zero_stage, "zero_stage"), (args.from_hf, "init_from_hf")):
+            if flag is not None:
+                overrides.append(f"deepspeed.{key}={flag}")
         cfg = load_run_config(args.config, overrides)  # config errors come before the slow imports
         stop_if_finished(cfg)  # a finished run (a re-run sweep, a resubmitted job) ends here, as fast
         from ..engines.deepspeed import DeepSpeedTrainer
