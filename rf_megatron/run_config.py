@@ -38,6 +38,12 @@ class DataConfig:
     test_paths: List[str] = field(default_factory=list)
     cache_dir: Optional[str] = None
 
+    def __post_init__(self):
+        # a dataset's .bin or .idx file (what a shell completes) names its prefix, which is what Megatron reads
+        for option in ("paths", "valid_paths", "test_paths"):
+            setattr(self, option, [p[:-4] if isinstance(p, str) and p.endswith((".bin", ".idx")) else p
+                                   for p in getattr(self, option)])
+
 
 @dataclass
 class TrainConfig:
@@ -199,7 +205,7 @@ def _type_check(path: str, value: Any, hint) -> Any:
         return _type_check(path, value, next(a for a in args if a is not type(None)))
     if origin in (list, List):
         if not isinstance(value, list):
-            raise ConfigError(f"{path}={value!r}: expected a list")
+            raise ConfigError(f"{path}={value!r}: expected a list, e.g. {path}=[{value}]")
         return [_type_check(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -37,7 +37,7 @@ def resolve_vocab_size(cfg) -> Optional[str]:
     try:
         vocabulary = tokenizer_vocabulary(cfg.data.tokenizer_model)
     except ConfigError as exc:
-        return f"model.vocab_size=null takes the tokenizer's vocabulary, but {exc}"
+        return f"data.tokenizer_model: {exc} (model.vocab_size=null takes its vocabulary)"
     model.vocab_size = padded_vocab_size(vocabulary, model.make_vocab_size_divisible_by,
                                          cfg.parallel.tensor_parallel)
     return None

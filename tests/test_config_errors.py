@@ -170,8 +170,8 @@ def test_independent_problems_of_a_config_are_reported_together_in_one_line():
     with pytest.raises(ConfigError) as err:
         cfg.validate(2)
     assert str(err.value) == (
-        "4 problems in the config: model.vocab_size=null takes the tokenizer's vocabulary, but tokenizer model "
-        "missing.model: no such file; hidden_size=128 is not divisible by num_attention_heads=3; "
+        "4 problems in the config: data.tokenizer_model: tokenizer model missing.model: no such file "
+        "(model.vocab_size=null takes its vocabulary); hidden_size=128 is not divisible by num_attention_heads=3; "
         "optim.lr=-1.0 must be a finite number >= 0; train.eval_steps=0 must be positive")
 
 
@@ -182,3 +182,21 @@ def test_every_unknown_option_and_wrong_type_is_named_at_once():
         load_run_config("tiny_cpu", ["train.train_stepz=3", "model.hidden_size=big", "optim.lr=[1]"])
     assert str(err.value) == ("3 problems in the config: model.hidden_size='big': expected int; optim.lr=[1]: "
                               "expected float; unknown option train.train_stepz (did you mean train.train_steps?)")
+
+
+def test_a_datasets_bin_or_idx_file_names_its_prefix():
+    """Shells complete file names: `data.paths=[data/x_text_document.bin]` used to reach Megatron unchanged (a
+    traceback from its dataset builder on every rank)."""
+    from rf_megatron.run_config import load_run_config
+
+    cfg = load_run_config("tiny_cpu", ["data.paths=[0.3, d/a.bin, 0.7, d/b.idx]", "data.valid_paths=[v.bin]",
+                                       "data.test_paths=[t]"])
+    assert (cfg.data.paths, cfg.data.valid_paths, cfg.data.test_paths) == (["0.3", "d/a", "0.7", "d/b"], ["v"], ["t"])
+
+
+def test_a_single_value_for_a_list_option_shows_the_list_to_write():
+    from rf_megatron.run_config import load_run_config
+
+    with pytest.raises(ConfigError) as err:
+        load_run_config("tiny_cpu", ["data.paths=data/x"])
+    assert str(err.value) == "data.paths='data/x': expected a list, e.g. data.paths=[data/x]"
