@@ -62,13 +62,14 @@ def next_commands(cfg, engine: str) -> List[str]:
 
 
 def summary(cfg, engine: str, outcome: Dict, seconds: float) -> str:
-    """The closing lines. `outcome`: step, tokens, train_loss, valid_loss / valid_tokens / valid_whole,
+    """The closing lines. `outcome`: step, tokens, train_loss (mean, first step, last step), valid_loss / valid_tokens / valid_whole,
     checkpoint (the last one saved or resumed, or None), stopped (the reason, for a run that stopped early)."""
     t = cfg.train
     head = "stopped" if outcome.get("stopped") else "evaluated" if t.eval_only else "finished"
     losses = []
     if outcome.get("train_loss") is not None:
-        losses.append(f"train loss {outcome['train_loss']:.4f}")
+        loss, first, last = outcome["train_loss"]  # the last logged window's mean: say which steps it is
+        losses.append(f"train loss {loss:.4f} ({f'step {last}' if first == last else f'steps {first}-{last}'})")
     if outcome.get("valid_loss") is not None:
         losses.append(f"validation loss {outcome['valid_loss']:.4f} "
                       f"({eval_scope(outcome['valid_tokens'], outcome['valid_whole'], hint=False)})")

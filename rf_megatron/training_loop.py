@@ -55,7 +55,7 @@ class TrainingLoop(ResumeChecks):
     def __init__(self, cfg) -> None:  # the entry point has said whether the run is finished (stop_if_finished)
         self.cfg = cfg
         self.started = time.time()  # the summary's wall time: start-up included
-        self.last_train_loss: Optional[float] = None
+        self.last_train_loss: Optional[Tuple[float, int, int]] = None  # a logged window's mean, its first and last step
         self.last_eval: Optional[Tuple[float, int, bool]] = None  # validation (loss, tokens, whole set)
         # set by the engine (the contract above): where tensors live, the tokenizer, the optimizer and its schedule
         self.device: Optional[torch.device] = None
@@ -274,7 +274,7 @@ class TrainingLoop(ResumeChecks):
             self._peak_tflops = peak_tflops(self.cfg.logging.peak_tflops, fp8=bool(self.cfg.parallel.fp8))
         mfu = tflops / self._peak_tflops if self._peak_tflops else None
         tokens = self.stream.consumed_samples * self.cfg.model.seq_length
-        self.last_train_loss = mean_loss
+        self.last_train_loss = (mean_loss, self.step - steps + 1, self.step)
         metrics = {"loss": mean_loss, "last_loss": loss, "lr": lr, "grad_norm": grad_norm,
                    "tokens_per_s": tokens_per_s, "tflops_per_device": tflops,
                    "mfu": mfu, "consumed_samples": self.stream.consumed_samples, "tokens": tokens, **_peak_memory()}

@@ -129,13 +129,16 @@ def test_step_lines_carry_tokens_elapsed_time_and_eta(resumed):
     assert f"| {tokens:,} tokens | elapsed " in last and last.endswith("ETA 0s"), last
 
 
-def test_the_run_ends_with_a_summary_naming_the_checkpoint_and_what_comes_next(resumed):
+def test_the_run_ends_with_a_summary_naming_the_checkpoint_and_what_comes_next(interrupted, resumed):
     proc, stopped = resumed
     step = stopped + 2
     lines = proc.stdout.rstrip().splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("finished: "))
     assert lines[head].startswith(f"finished: step {step}/{step}, {step * 8 * 64:,} tokens, ")
-    assert "train loss " in lines[head] and "validation loss " in lines[head] and "tokens, the whole set)" in lines[head]
+    rows = [r for r in map(json.loads, open(interrupted[0] / "runs" / NAME / "metrics.jsonl")) if "last_loss" in r]
+    # the train loss is the last logged window's mean (log_interval 1 here: that step's), and says so
+    assert f"train loss {rows[-1]['loss']:.4f} (step {step}), validation loss " in lines[head], lines[head]
+    assert "tokens, the whole set)" in lines[head]
     summary = "\n".join(lines[head:])
     assert f"  checkpoint  runs/{NAME}/checkpoints/iter_{step:07d}" in summary
     assert f"  metrics     runs/{NAME}/metrics.jsonl" in summary
