@@ -126,7 +126,8 @@ class TrainingLoop(ResumeChecks):
             self._print(f"resumed from {path} at step {self.step} ({consumed} samples consumed)"
                         + ("; weights only (an HF import): a fresh optimizer and LR schedule"
                            if state.get("weights_only") else ""))
-            self.note_schedule_changes(path)
+            if not state.get("weights_only"):  # an HF import starts a fresh schedule: nothing of its own changed
+                self.note_schedule_changes(path)
             consumed = self.skip_rewound_data(consumed, plan.skip_batches)
         self.stream = MicrobatchStream(self.train_ds, t.global_batch_size, t.micro_batch_size, consumed,
                                        **self.data_parallel())

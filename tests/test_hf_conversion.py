@@ -395,7 +395,11 @@ def test_streamed_import_writes_the_keys_shapes_dtypes_and_values_the_trainer_sa
     from rf_megatron.hf.import_hf import import_hf
 
     for variant, root in trained.items():
-        ckpt = import_hf(exported[variant][0], tmp_path / variant, tp=2, pp=2, log=lambda *_: None)
+        said = []
+        ckpt = import_hf(exported[variant][0], tmp_path / variant, tp=2, pp=2, log=said.append)
+        # the way to train on it is a launch of TP x PP = 4 processes (a plain python launch is refused)
+        assert said[-1].endswith(f"resume with python -m rf_megatron.launch --nproc-per-node 4 pretrain/pretrain_resformer.py"
+                                 f" --config {ckpt}/iter_0000000/run_config.yaml data.paths=[...]"), said[-1]
         want = DistCheckpointTensors(root / (root / "latest").read_text())
         got = DistCheckpointTensors(ckpt / "iter_0000000")
         model_keys = lambda t: {k for k in t.metadata.state_dict_metadata if not k.startswith(NOT_MODEL)}
@@ -531,6 +535,7 @@ def test_a_weights_only_checkpoint_trains_bf16_with_the_distributed_optimizer_fr
                     "train.train_steps=1",
                     timeout=600)
     assert "weights only (an HF import)" in proc.stdout
+    assert "LR schedule follows" not in proc.stdout  # a fresh schedule: nothing of the import's changed
     before = DistCheckpointTensors(ckpt / "iter_0000000")
     after = DistCheckpointTensors(tmp_path / "ckpt" / "iter_0000001")
     for i in range(LAYERS):

@@ -160,7 +160,9 @@ def import_hf(hf_dir, output, tp: int = 1, pp: int = 1, vpp: Optional[int] = Non
         log(f"warning: {hf_dir} has no tokenizer.model, so the run config names "
             + (f"data.tokenizer_model={cfg.data.tokenizer_model} (yours)" if cfg.data.tokenizer_model else
                "no tokenizer: pass data.tokenizer_model=... (the model's own tokenizer) when you train on"))
-    log(f"wrote {output} (iter_0000000, step 0) in {time.monotonic() - begin:.0f} s: resume with "
+    world = tp * pp * cfg.parallel.context_parallel  # the fewest processes that hold this layout
+    launch = "python" if world == 1 else f"python -m rf_megatron.launch --nproc-per-node {world}"
+    log(f"wrote {output} (iter_0000000, step 0) in {time.monotonic() - begin:.0f} s: resume with {launch} "
         f"pretrain/pretrain_resformer.py --config {output}/iter_0000000/run_config.yaml data.paths=[...]")
     return output
 
