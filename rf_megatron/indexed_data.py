@@ -89,7 +89,8 @@ def iter_jsonl_texts(path: str, json_key: str = "text") -> Iterator[Tuple[str, i
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+                what = e.msg[:-3] if e.msg.endswith(" at") else e.msg  # json's "Invalid control character at"
+                raise DataError(f"{path}:{lineno}: invalid JSON ({what} at column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             if json_key not in obj:

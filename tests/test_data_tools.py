@@ -275,6 +275,7 @@ def test_preprocess_skips_empty_documents(tok_model, tmp_path, capsys):
 
 ERROR_CASES = {
     "bad_json": ('{"text": "ok"}\n{"text": "broken"\n', "in.jsonl:2: invalid JSON"),
+    "control_character": ('{"text": "a\tb"}\n', "in.jsonl:1: invalid JSON (Invalid control character at column 12)"),
     "missing_key": ('{"text": "ok"}\n\n{"body": "x"}\n', "in.jsonl:3: no key 'text'"),
     "empty_file": ("", "in.jsonl: file is empty"),
     "bad_tokenizer": ('{"text": "ok"}\n', "bad.model: not a SentencePiece model"),
