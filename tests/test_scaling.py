@@ -768,3 +768,35 @@ def test_end_to_end_isoflop_sweep(data, tmp_path):
     print(f"\ne2e timing: plan {t_plan - t0:.1f}s, 12 runs {t_runs - t_plan:.1f}s, rerun (all skipped) "
           f"{t_skip - t_runs:.1f}s, collect+fit+compare+plots {t_end - t_skip:.1f}s, total {t_end - t0:.1f}s")
     print(proc.stdout)
+
+
+@pytest.mark.parametrize("tool", ["scaling_fit.py", "scaling_compare.py"])
+def test_a_table_that_is_not_there_is_one_error_line(tool, tmp_path):
+    """A missing file, a folder (the runs' folder instead of the collected table) and a file that is not a table:
+    pandas' tracebacks before."""
+    (tmp_path / "notes.csv").write_bytes(b"")
+    args = ["--a", "x", "--b", "y"] if tool == "scaling_compare.py" else []
+    for table, said in ((tmp_path / "nope.csv", "no such file"),
+                        (tmp_path, "a folder; give the table tools/scaling_collect.py wrote"),
+                        (tmp_path / "notes.csv", "cannot read it as a table")):
+        proc = _tool(tool, table, *args, check=False)
+        assert proc.returncode == 2 and proc.stderr.strip().startswith(f"error: {table}: {said}"), proc.stderr[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+
+
+def test_a_family_the_table_does_not_have_is_named_with_those_it_has(tmp_path):
+    import pandas as pd
+
+    from rf_megatron.scaling.family_fits import check_enough_runs
+
+    table = pd.DataFrame({"family": ["vanilla", "resformer"], "budget": [1e9, 1e9], "valid_loss": [3.0, 2.9],
+                          "finished": [True, True]})
+    with pytest.raises(ValueError, match=r"^no family 'svformer' in the table \(it has: resformer, vanilla\)$"):
+        check_enough_runs(table, "svformer")
+
+
+def test_collect_names_a_runs_folder_that_is_not_there(tmp_path):
+    proc = _tool("scaling_collect.py", tmp_path / "nope", "--out", tmp_path / "t.csv", check=False)
+    assert (proc.returncode, proc.stderr.strip()) == (2, f"error: {tmp_path / 'nope'}: no such folder (give run "
+                                                         "folders, or the folders holding them)"), proc.stderr

@@ -24,9 +24,13 @@ def main(argv=None) -> int:
     p.add_argument("runs", nargs="+", help="run directories or directories holding them")
     p.add_argument("--out", required=True, help="table.csv or table.parquet")
     a = p.parse_args(argv)
+    missing = [r for r in a.runs if not Path(r).is_dir()]
+    if missing:
+        print(f"error: {missing[0]}: no such folder (give run folders, or the folders holding them)", file=sys.stderr)
+        return 2
     df = collect(a.runs)
     if df.empty:
-        print("error: no runs found (directories with config.yaml and metrics.jsonl)", file=sys.stderr)
+        print(f"error: no runs found in {' '.join(a.runs)} (folders with config.yaml and metrics.jsonl)", file=sys.stderr)
         return 2
     write_table(df, a.out)
     done = int(df["finished"].sum())

@@ -70,9 +70,9 @@ def main(argv=None) -> int:
     p.add_argument("--tables", help="directory for savings.csv and savings.tex (the estimates with their CIs)")
     add_fit_options(p)
     a = p.parse_args(argv)
-    df = clean_table(read_table(a.table), a.loss_col)
     joint = None
     try:
+        df = clean_table(read_table(a.table), a.loss_col)
         if a.method == "joint":
             fits, joint = joint_family_fits(df, a.a, a.b, a.n_col, a.loss_col, a.n_boot, a.seed, level=a.level,
                                             starts=10 ** 9 if a.starts == "all" else int(a.starts))

@@ -33,8 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--plots", help="directory for fit_isoflop.png, fit_frontier.png, fit_residuals.png")
     add_fit_options(p)
     a = p.parse_args(argv)
-    df = clean_table(read_table(a.table), a.loss_col)
     try:
+        df = clean_table(read_table(a.table), a.loss_col)
         fits = fit_families(df, a.families, **fit_kwargs(a))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -87,7 +87,16 @@ def write_table(df, out) -> None:
 
 
 def read_table(path):
+    """The table tools/scaling_collect.py wrote (CSV, or Parquet by its suffix); a one-line ValueError naming the
+    path when there is none to read."""
     import pandas as pd
 
     path = Path(path)
-    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder; give the table tools/scaling_collect.py wrote (its --out)")
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except (OSError, ValueError, ImportError) as exc:  # pandas' parser errors are ValueErrors
+        raise ValueError(f"{path}: cannot read it as a table ({(str(exc).strip().splitlines() or [''])[0][:200]})") from None

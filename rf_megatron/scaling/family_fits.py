@@ -105,6 +105,8 @@ def clean_table(df, loss_col: str = "valid_loss", echo=print):
 def check_enough_runs(df, family: str, loss_col: str = "valid_loss") -> None:
     """A five-parameter law from fewer than MIN_RUNS runs, or from one budget (N and D then move together), gives
     confident wrong answers (zero-width or absurd CIs): refuse, saying what is missing."""
+    if family not in set(df["family"]):
+        raise ValueError(f"no family {family!r} in the table (it has: {', '.join(sorted(set(df['family'])))})")
     rows = usable(df[df["family"] == family], loss_col)
     budgets = rows["budget"].nunique() if "budget" in rows else 0
     if len(rows) < MIN_RUNS or budgets < 2:
