@@ -198,19 +198,24 @@ def test_train_tokenizer_without_byte_fallback_uses_unk(corpus, tmp_path):
     assert tok.unk in tok.tokenize("king 𝄞")
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "bad_json", "vocab_too_big"])
+@pytest.mark.parametrize("case", ["missing", "empty", "bad_json", "vocab_too_big", "vocab_below_characters"])
 def test_train_tokenizer_bad_input_exits_2_and_writes_nothing(corpus, tmp_path, case):
     inputs = tmp_path / "in"
     inputs.mkdir()
     good = corpus / "play.txt"
     expected = {"missing": ("nope.txt", "no such file"), "empty": ("empty.txt", "file is empty"),
-                "bad_json": ("bad.jsonl:3:", "invalid JSON"), "vocab_too_big": ("Vocabulary size",)}
+                "bad_json": ("bad.jsonl:3:", "invalid JSON"), "vocab_too_big": ("Vocabulary size",),
+                # sentencepiece names its own options (--character_coverage): ours are spelled with dashes
+                "vocab_below_characters": ("Increase --vocab-size or decrease --character-coverage (now 0.9995).",)}
     if case == "empty":
         (inputs / "empty.txt").write_text("\n  \n")
         args = [good, inputs / "empty.txt"]
     elif case == "bad_json":
         (inputs / "bad.jsonl").write_text('{"text": "a"}\n\n{"text": "b",\n{"text": "c"}\n')
         args = [good, inputs / "bad.jsonl"]
+    elif case == "vocab_below_characters":  # 400 distinct characters, each as common, for a 300-piece vocabulary
+        (inputs / "chars.txt").write_text("\n".join("".join(chr(0x4E00 + i) for i in range(400)) for _ in range(20)))
+        args = [inputs / "chars.txt"]
     else:
         args = [good, inputs / "nope.txt"] if case == "missing" else [good]
     vocab = "100000" if case == "vocab_too_big" else "300"

@@ -800,3 +800,20 @@ def test_collect_names_a_runs_folder_that_is_not_there(tmp_path):
     proc = _tool("scaling_collect.py", tmp_path / "nope", "--out", tmp_path / "t.csv", check=False)
     assert (proc.returncode, proc.stderr.strip()) == (2, f"error: {tmp_path / 'nope'}: no such folder (give run "
                                                          "folders, or the folders holding them)"), proc.stderr
+
+
+def test_approach2_names_each_budget_that_gives_no_minimum_and_why():
+    """The README's CPU recipe: at every budget the loss fell toward the smallest model, the parabolas opened
+    downwards, and approach 2 dropped those budgets without a word."""
+    import pandas as pd
+
+    N = np.array([3e4, 1e5, 2.4e5] * 3 + [3e4, 1e5])
+    L = np.array([3.87, 4.63, 5.04, 2.95, 3.43, 3.97, 2.6, 2.4, 2.7, 3.0, 2.9])
+    budgets = [5e9] * 3 + [1.5e10] * 3 + [4.5e10] * 3 + [1e11] * 2
+    df = pd.DataFrame({"N_nonembed": N, "valid_loss": L, "flops_per_token": 6 * N, "budget": budgets})
+    res = approach2(df, n_boot=0)
+    assert [m["budget"] for m in res["minima"]] == [1.5e10, 4.5e10]  # 1.5e10's lies outside (warned already)
+    assert res["no_minimum"] == [
+        {"budget": 5e9, "why": "the loss does not turn up over the sampled sizes (lowest at the smallest, N=3e+04): "
+                               "they do not bracket the optimum"},
+        {"budget": 1e11, "why": "2 distinct sizes (a parabola needs 3)"}]

@@ -120,7 +120,12 @@ def train(args, sentences, model_prefix: str) -> None:
             normalization_rule_name="identity", remove_extra_whitespaces=False,
             max_sentence_length=1 << 16, minloglevel=0 if args.verbose else 2, **special)
     except RuntimeError as e:  # "INTERNAL: src/x.cc(744) [check] Vocabulary size too high ..."
-        raise DataError(f"sentencepiece: {str(e).split('] ')[-1].strip()}") from None
+        message = str(e).split('] ')[-1].strip()
+        # its advice names its own options ("vocab_size", "--character_coverage"): name ours
+        message = (message.replace(" with --character_coverage option", "")
+                   .replace("character_coverage", f"--character-coverage (now {args.character_coverage:g})")
+                   .replace("vocab_size", "--vocab-size"))
+        raise DataError(f"sentencepiece: {message}") from None
 
 
 def main(argv=None) -> int:

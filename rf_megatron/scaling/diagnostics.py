@@ -38,6 +38,8 @@ def law_warnings(family: str, fit) -> List[str]:
             if share > BOOT_AT_BOUND and name not in stuck:
                 out.append(f"{family}: {name} at its bound in {100 * share:.0f}% of the bootstrap fits: "
                            "the CIs of what depends on it are unreliable")
+    for m in (fit.approach2 or {}).get("no_minimum", []):
+        out.append(f"{family}: budget {m['budget']:.3g} gives approach 2 no minimum: {m['why']}")
     for m in (fit.approach2 or {}).get("minima", []):
         if not m["interior"]:
             out.append(f"{family}: the IsoFLOP minimum of budget {m['budget']:.3g} (N={m['N_opt']:.4g}) lies outside "

@@ -38,12 +38,27 @@ def budget_minimum(N, L, F, budget: float) -> Optional[Dict[str, float]]:
             "interior": bool(x.min() <= x_opt <= x.max()), "n_points": int(len(x))}
 
 
-def minima(df, n_col: str = "N_nonembed", loss_col: str = "valid_loss") -> List[Dict[str, float]]:
+def why_no_minimum(N, L) -> str:
+    """Why a budget's runs give no parabola minimum (budget_minimum returned None)."""
+    x, y = np.log(np.asarray(N, float)), np.asarray(L, float)
+    if len(np.unique(x)) < 3:
+        return f"{len(np.unique(x))} distinct sizes (a parabola needs 3)"
+    best = int(np.argmin(y))
+    where = "smallest" if x[best] == x.min() else "largest" if x[best] == x.max() else "inside, yet it bends down"
+    return (f"the loss does not turn up over the sampled sizes (lowest at the {where}, N={np.exp(x[best]):.4g}): "
+            "they do not bracket the optimum")
+
+
+def minima(df, n_col: str = "N_nonembed", loss_col: str = "valid_loss", missing: Optional[List] = None
+           ) -> List[Dict[str, float]]:
+    """Each budget's minimum; `missing` collects {"budget", "why"} for each budget that has none."""
     out = []
     for budget, group in df.groupby("budget"):
         found = budget_minimum(group[n_col], group[loss_col], group["flops_per_token"], budget)
         if found:
             out.append(found)
+        elif missing is not None:
+            missing.append({"budget": float(budget), "why": why_no_minimum(group[n_col], group[loss_col])})
     return out
 
 
@@ -82,8 +97,9 @@ def approach2(df, n_col: str = "N_nonembed", loss_col: str = "valid_loss", n_boo
               seed: int = 0, level: float = 0.95) -> Dict[str, object]:
     """Minima per budget, N_opt / D_opt power laws (when >= 2 budgets have a minimum), CIs."""
     df = df[np.isfinite(df[loss_col])]
-    found = minima(df, n_col, loss_col)
-    result: Dict[str, object] = {"minima": found, "n_col": n_col}
+    missing: List[Dict] = []
+    found = minima(df, n_col, loss_col, missing)
+    result: Dict[str, object] = {"minima": found, "no_minimum": missing, "n_col": n_col}
     if len(found) < 2:
         return result
     C = [m["budget"] for m in found]
