@@ -116,6 +116,10 @@ def array_spec(indices) -> str:
     return ",".join(parts)
 
 
+class ControllerDown(Exception):
+    """scontrol cannot reach slurmctld: nothing can be submitted now, and no partition can be checked."""
+
+
 def _partition(name):
     """(name, fields) of the named or the default partition, from `scontrol show partition -o`."""
     from rf_megatron.config import ConfigError
@@ -123,7 +127,10 @@ def _partition(name):
     proc = subprocess.run(["scontrol", "show", "partition", "-o", *([name] if name else [])],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        raise ConfigError(f"--partition {name}: {proc.stderr.strip() or 'not found'}")
+        said = proc.stderr.strip().splitlines()[0] if proc.stderr.strip() else "not found"
+        if "Unable to contact slurm controller" in said:
+            raise ControllerDown(f"the SLURM controller does not answer ({said})")
+        raise ConfigError(f"--partition {name or '(the default)'}: {said}")
     for line in proc.stdout.splitlines():
         fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
         if name or fields.get("Default") == "YES":
@@ -255,7 +262,12 @@ def main(argv=None) -> int:
             raise ConfigError("sbatch not found: is this a SLURM login node? (slurm/local-cluster/start.sh "
                               "starts a local cluster)")
         if shutil.which("scontrol"):
-            check_partition(args.partition, args.nodes, args.ntasks_per_node, args.gpus_per_node)
+            try:
+                check_partition(args.partition, args.nodes, args.ntasks_per_node, args.gpus_per_node)
+            except ControllerDown as exc:
+                if not args.dry_run:
+                    raise ConfigError(f"{exc}: is slurmctld running? (scontrol ping)") from None
+                note = (note + "\n" if note else "") + f"note: {exc}: the partition's limits are not checked"
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

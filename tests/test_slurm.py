@@ -532,3 +532,22 @@ def test_the_example_sweep_file_parses_into_valid_configurations():
     lines = run_lines(SLURM / "sweeps" / "tiny_variants.txt")
     variants = [load_run_config(*parse_line(line)).model.variant for line in lines]
     assert variants == ["vanilla", "resformer", "svformer"]
+
+
+def test_a_controller_that_does_not_answer_is_said_so(cluster, capsys, monkeypatch, tmp_path):
+    """scontrol against a controller nobody runs (a slurm.conf naming a closed port): the error used to read
+    '--partition None: slurm_load_partitions error: ...' for a partition nobody named, and --dry-run failed too."""
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=gone\nSlurmctldHost=localhost\nSlurmctldPort=6999\nAuthType=auth/munge\n")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    rc, out, err = _submit(capsys, "--no-check", "tiny_cpu")
+    assert rc == 0 and "sbatch --parsable" in out, err
+    assert err == ("note: the SLURM controller does not answer (slurm_load_partitions error: Unable to contact slurm "
+                   "controller (connect failure)): the partition's limits are not checked\n"), err
+    import submit  # on the path since _submit
+
+    rc = submit.main(["--gpus-per-node", "0", "--no-check", "tiny_cpu"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and err == (
+        "error: the SLURM controller does not answer (slurm_load_partitions error: Unable to contact slurm controller "
+        "(connect failure)): is slurmctld running? (scontrol ping)\n"), err
