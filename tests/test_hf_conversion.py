@@ -846,6 +846,27 @@ def test_held_out_perplexity_scores_the_validation_documents_in_windows(exported
     assert got["perplexity"] == pytest.approx(math.exp(nll / 87), rel=1e-5)
 
 
+def test_perplexity_of_the_models_own_training_data_scores_its_held_out_part(exported, data, tmp_path):
+    """Without --split, the dataset the model trained on was scored whole: mostly documents it trained on, with no
+    word said. Now its run config's data.split cuts it (said in a note), and a different --split is noted."""
+    folder, _ = exported["learnable_plus"]
+    common = ("--seq-length", 32, "--max-tokens", 90)
+    proc = evaluate_cli(folder, "--perplexity", data / "corpus", *common, "--output", tmp_path / "auto")
+    assert proc.returncode == 0, proc.stderr
+    assert (f"note: {data / 'corpus'} is this model's training data (data.paths of its run config): scoring the "
+            "valid part of its data.split 90,10,0, the documents it did not train on (--split 100,0,0 --part train: "
+            "all of it)") in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    explicit = evaluate_cli(folder, "--perplexity", data / "corpus", "--split", "90,10,0", *common,
+                            "--output", tmp_path / "explicit")
+    assert explicit.returncode == 0 and "note:" not in explicit.stdout + explicit.stderr, explicit.stderr
+    got, want = (json.loads((tmp_path / d / "perplexity.json").read_text()) for d in ("auto", "explicit"))
+    assert got["loss"] == want["loss"] and got["tokens"] == want["tokens"]
+    other = evaluate_cli(folder, "--perplexity", data / "corpus", "--split", "80,20,0", *common,
+                         "--output", tmp_path / "other")
+    assert other.returncode == 0 and ("note: this model trained with data.split 90,10,0: --split 80,20,0 cuts "
+                                      "differently, so part of what it scores was trained on") in other.stdout, other.stdout
+
+
 def own_loglikelihood_of_ids(model, ids) -> float:
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)

@@ -9,7 +9,8 @@
 The folder is what tools/convert_checkpoint_to_hf.py writes (vanilla: Llama; resformer/svformer: RFGPT, loaded
 with trust_remote_code). Results go to FOLDER/eval/ (or --output): results.json and samples_TASK.jsonl from the
 harness, perplexity.json. `--split` cuts an indexed dataset by documents exactly as training's data.split did, so
-`--part valid` scores only documents the model never trained on. Exit 2 with one line on bad input.
+`--part valid` scores only documents the model never trained on; a dataset the model trained on is cut by its
+run's own data.split when `--split` is not given (a note says so). Exit 2 with one line on bad input.
 Needs `pip install 'rf-megatron[eval]'` for --tasks (lm-eval downloads public task data unless HF_HUB_OFFLINE=1).
 """
 from __future__ import annotations
@@ -80,7 +81,21 @@ def main(argv=None) -> int:
         out = Path(args.output) if args.output else folder / "eval"
         if args.perplexity:
             split = _split(args.split) if args.split else None
-            ev.indexed_prefix(args.perplexity, split)  # a wrong path fails before the model loads
+            stem = ev.indexed_prefix(args.perplexity, split)  # a wrong path fails before the model loads
+            trained_split = ev.training_split(folder, stem) if stem else None
+            if trained_split and not split:
+                said = f"note: {args.perplexity} is this model's training data (data.paths of its run config)"
+                if _split(trained_split)[ev.SPLIT_PARTS.index(args.part)] > 0:
+                    args.split, split = trained_split, _split(trained_split)
+                    unseen = ", the documents it did not train on" if args.part != "train" else ""
+                    print(f"{said}: scoring the {args.part} part of its data.split {trained_split}{unseen} "
+                          "(--split 100,0,0 --part train: all of it)", flush=True)
+                else:  # its split held nothing of this dataset out
+                    print(f"{said}, all of it (data.split {trained_split}): a score of documents it trained on",
+                          flush=True)
+            elif trained_split and split != _split(trained_split) and args.part != "train":
+                print(f"note: this model trained with data.split {trained_split}: --split {args.split} cuts "
+                      "differently, so part of what it scores was trained on", flush=True)
             model, tokenizer = ev.load_model(folder, args.dtype, args.device)
             ids, n_bytes = ev.tokens_of(args.perplexity, tokenizer, split, args.part)
             seq = args.seq_length or model.config.max_position_embeddings

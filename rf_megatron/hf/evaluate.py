@@ -111,6 +111,30 @@ def indexed_prefix(source, split: Optional[Sequence[float]] = None) -> Optional[
     return None
 
 
+def training_split(folder, stem: str) -> Optional[str]:
+    """The data.split this model trained with, where the indexed dataset `stem` is one it trained on (the run
+    config the export copied into the folder names them); None otherwise. Scored whole, that dataset is mostly
+    documents the model has seen."""
+    import os
+
+    import yaml
+
+    from .folder import RUN_CONFIG_COPY
+
+    try:
+        data = (yaml.safe_load((Path(folder) / RUN_CONFIG_COPY).read_text()) or {}).get("data") or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    for path in map(str, data.get("paths") or []):
+        prefix = path[:-4] if path.endswith((".bin", ".idx")) else path
+        try:
+            if os.path.samefile(stem + ".idx", prefix + ".idx"):
+                return str(data.get("split"))
+        except OSError:  # a weight of a blend, or a dataset not on this machine
+            continue
+    return None
+
+
 def tokens_of(source, tokenizer, split: Optional[Sequence[float]] = None, part: str = "valid"):
     """(token ids to score, UTF-8 bytes they encode or None): a Megatron indexed dataset (`split` picks the
     documents training held out, e.g. 949,50,1 and part=valid; no bytes), or a JSONL/text file tokenized by the
