@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Run a sweep file (tools/scaling_plan.py) locally, sequentially, skipping finished runs.
+"""Run a sweep file (tools/scaling_plan.py) locally, one run after another (`--jobs N`: N at once), skipping
+finished runs.
 
     python tools/scaling_run_local.py sweep.txt --nproc 1          # one process per run
     python tools/scaling_run_local.py sweep.txt --nproc 2 --only resformer
+    python tools/scaling_run_local.py sweep.txt --jobs 2           # two one-process runs at a time
 
 Each run's console output goes to <logging.dir>/stdout.log; its step lines are shown prefixed with the run's
 name, and each finished run prints the sweep's count, elapsed time and ETA. Exit code 1 if any run failed.
