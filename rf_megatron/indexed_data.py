@@ -54,6 +54,19 @@ def is_jsonl(path: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------- input
+def starts_with_a_json_object(path: str) -> bool:
+    """Whether a file's first non-blank line (read up to 1 MiB) is a JSON object: JSON Lines under another name."""
+    with open(path, "rb") as f:
+        for raw in f:
+            line = raw[:1 << 20].strip()
+            if line:
+                try:
+                    return isinstance(json.loads(line), dict)
+                except ValueError:
+                    return False
+    return False
+
+
 def check_input_file(path: str) -> None:
     """Fail fast, before any slow work, on an input that is missing, unreadable or empty."""
     if not os.path.exists(path):

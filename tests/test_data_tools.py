@@ -477,3 +477,14 @@ def test_shakespeare_end_to_end(tmp_path, capsys):
     assert documents == 42 and tokens > 1_000_000
     assert max_token_id(tmp_path / "shk") < 1000
     capsys.readouterr()
+
+
+def test_a_text_file_holding_json_lines_is_read_as_text_with_a_note(tok_model, tmp_path, capsys):
+    """A .jsonl renamed .txt used to become one document of JSON syntax, silently."""
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": "a king"}, {"text": "a queen"}])
+    renamed = src.rename(tmp_path / "docs.txt")
+    assert preprocess("--input", renamed, "--tokenizer-model", tok_model, "--output-prefix", tmp_path / "p") == 0
+    out, err = capsys.readouterr()
+    assert (f"note: {renamed} is read as plain text (one document), but its first line is a JSON object: name it "
+            ".jsonl to read a document per line\n") in err, err
+    assert out.startswith("done: 1 documents")

@@ -31,7 +31,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from rf_megatron.indexed_data import (  # noqa: E402
-    DataError, check_input_file, iter_documents, token_dtype, verify_indexed_dataset, write_tokenizer_record)
+    DataError, check_input_file, is_jsonl, iter_documents, starts_with_a_json_object, token_dtype,
+    verify_indexed_dataset, write_tokenizer_record)
 from rf_megatron.tokenizer import SentencePieceTokenizer, TokenizerError  # noqa: E402
 
 
@@ -182,6 +183,10 @@ def main(argv=None) -> int:
                             f"{os.path.join(args.output_prefix, 'data')}")
         for path in args.input:  # fail in milliseconds, not after the 5 s megatron import
             check_input_file(path)
+            if not is_jsonl(path) and starts_with_a_json_object(path):
+                how = "a document per blank-line block" if args.split_text_on_blank_lines else "one document"
+                print(f"note: {path} is read as plain text ({how}), but its first line is a JSON object: name it "
+                      ".jsonl to read a document per line", file=sys.stderr)
         tokenizer = SentencePieceTokenizer(args.tokenizer_model)
         progress = write_dataset(args, tokenizer)
     except (DataError, TokenizerError, OSError) as e:
