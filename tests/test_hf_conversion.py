@@ -861,10 +861,13 @@ def test_perplexity_of_the_models_own_training_data_scores_its_held_out_part(exp
     assert explicit.returncode == 0 and "note:" not in explicit.stdout + explicit.stderr, explicit.stderr
     got, want = (json.loads((tmp_path / d / "perplexity.json").read_text()) for d in ("auto", "explicit"))
     assert got["loss"] == want["loss"] and got["tokens"] == want["tokens"]
-    other = evaluate_cli(folder, "--perplexity", data / "corpus", "--split", "80,20,0", *common,
-                         "--output", tmp_path / "other")
+    other = evaluate_cli(folder, "--perplexity", data / "corpus", "--split", "80,20,0", "--seq-length", 4096,
+                         "--max-tokens", 90, "--output", tmp_path / "other")
     assert other.returncode == 0 and ("note: this model trained with data.split 90,10,0: --split 80,20,0 cuts "
                                       "differently, so part of what it scores was trained on") in other.stdout, other.stdout
+    context = json.loads((folder / "config.json").read_text())["max_position_embeddings"]
+    assert (f"note: --seq-length 4096 is beyond the {context} positions the model trained with: a score of positions "
+            "it never saw") in other.stdout, other.stdout
 
 
 def own_loglikelihood_of_ids(model, ids) -> float:

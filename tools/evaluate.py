@@ -99,6 +99,9 @@ def main(argv=None) -> int:
             model, tokenizer = ev.load_model(folder, args.dtype, args.device)
             ids, n_bytes = ev.tokens_of(args.perplexity, tokenizer, split, args.part)
             seq = args.seq_length or model.config.max_position_embeddings
+            if seq > model.config.max_position_embeddings:
+                print(f"note: --seq-length {seq} is beyond the {model.config.max_position_embeddings} positions the "
+                      "model trained with: a score of positions it never saw", flush=True)
             print(f"perplexity: {len(ids):,} tokens of {args.perplexity}"
                   f"{f' ({args.part} of {args.split})' if split else ''}, windows of {seq}", flush=True)
             result = ev.perplexity(model, ids, seq_length=seq, max_tokens=args.max_tokens)
