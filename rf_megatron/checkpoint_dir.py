@@ -93,19 +93,21 @@ def latest_checkpoint(root) -> Optional[Path]:
         return None
     name = pointer.read_text(errors="replace").strip()
     if not name.startswith("iter_") or "/" in name or not name[5:].isdigit():
-        raise CheckpointError(f"{pointer} does not name a checkpoint ({name[:40]!r}){older_hint(root)}")
+        raise CheckpointError(f"{pointer} does not name a checkpoint ({name[:40]!r}){other_checkpoint_hint(root)}")
     path = Path(root) / name
     if not (path / "train_state.json").exists():
-        raise CheckpointError(f"{pointer} names {name}, which is incomplete or missing{older_hint(root, before=path)}")
+        raise CheckpointError(f"{pointer} names {name}, which is incomplete or missing"
+                              f"{other_checkpoint_hint(root, besides=path)}")
     return path
 
 
-def older_hint(root, before: Optional[Path] = None) -> str:
+def other_checkpoint_hint(root, besides: Optional[Path] = None) -> str:
     """'; the newest other complete checkpoint is X: to resume from it, echo X > latest' (or '')."""
-    older = [p for p in complete_checkpoints(root) if before is None or step_of(p) < step_of(before)]
-    if not older:
+    others = [p for p in complete_checkpoints(root) if besides is None or p.name != besides.name]
+    if not others:
         return ""
-    return f"; the newest other complete checkpoint is {older[-1].name}: to resume from it, echo {older[-1].name} > {Path(root) / LATEST}"
+    name = others[-1].name
+    return f"; the newest other complete checkpoint is {name}: to resume from it, echo {name} > {Path(root) / LATEST}"
 
 
 def prepare_fresh_run(root, start_over: bool, rank0: bool) -> None:
@@ -117,10 +119,15 @@ def prepare_fresh_run(root, start_over: bool, rank0: bool) -> None:
         return
     names = ", ".join(p.name for p in old[-3:]) or LATEST
     if not start_over:
-        why = "checkpoint.resume=false" if (root / LATEST).exists() else f"no {LATEST} pointer names one"
-        raise ConfigError(f"checkpoint.dir={root} holds checkpoints of an earlier run ({names}) that this run would not "
-                          f"resume ({why}): resume them (checkpoint.resume=true), point checkpoint.dir elsewhere, or "
-                          "set checkpoint.start_over=true to move them aside (nothing is deleted)")
+        elsewhere = ("point checkpoint.dir elsewhere, or set checkpoint.start_over=true to move them aside "
+                     "(nothing is deleted)")
+        if (root / LATEST).exists():  # this run was told not to resume
+            raise ConfigError(f"checkpoint.dir={root} holds checkpoints of an earlier run ({names}) that this run "
+                              f"would not resume (checkpoint.resume=false): resume them (checkpoint.resume=true), "
+                              f"{elsewhere}")
+        raise ConfigError(f"checkpoint.dir={root} holds checkpoints ({names}) but no {LATEST} pointer names one (a "
+                          f"deleted {LATEST}, or a run killed during its first save): to resume the newest, echo "
+                          f"{old[-1].name} > {root / LATEST}; or {elsewhere}")
     if rank0:
         aside = root / time.strftime("previous-%Y%m%d-%H%M%S")
         aside.mkdir()

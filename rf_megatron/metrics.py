@@ -103,8 +103,8 @@ def continue_curve(path: Path, resume_step: Optional[int]) -> None:
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(keep))
         tmp.replace(path)
-        print(f"note: {path}: dropped {len(lines) - len(keep)} row(s) logged after step {resume_step} by the "
-              "interrupted run (this run logs those steps again)", flush=True)
+        print(f"note: {path}: dropped {len(lines) - len(keep)} row(s) logged after step {resume_step}, the step "
+              "this run resumes from (it logs those steps again)", flush=True)
 
 
 def _step(line: str) -> float:

@@ -62,8 +62,9 @@ def next_commands(cfg, engine: str) -> List[str]:
 
 
 def summary(cfg, engine: str, outcome: Dict, seconds: float) -> str:
-    """The closing lines. `outcome`: step, tokens, train_loss (mean, first step, last step), valid_loss / valid_tokens / valid_whole,
-    checkpoint (the last one saved or resumed, or None), stopped (the reason, for a run that stopped early)."""
+    """The closing lines. `outcome`: step, tokens, train_loss (mean, first step, last step), valid_loss /
+    valid_tokens / valid_whole, checkpoint (the last one saved or resumed, or None), stopped (the reason, for a run
+    that stopped early)."""
     t = cfg.train
     head = "stopped" if outcome.get("stopped") else "evaluated" if t.eval_only else "finished"
     losses = []
@@ -73,15 +74,18 @@ def summary(cfg, engine: str, outcome: Dict, seconds: float) -> str:
     if outcome.get("valid_loss") is not None:
         losses.append(f"validation loss {outcome['valid_loss']:.4f} "
                       f"({eval_scope(outcome['valid_tokens'], outcome['valid_whole'], hint=False)})")
-    lines = [f"{head}: step {outcome['step']}/{t.train_steps}, {outcome['tokens']:,} tokens, {duration(seconds)} "
+    step = f"step {outcome['step']}" + ("" if t.eval_only else f"/{t.train_steps}")  # an evaluation has no goal
+    lines = [f"{head}: {step}, {outcome['tokens']:,} tokens, {duration(seconds)} "
              f"(this process)" + (f"; {', '.join(losses)}" if losses else "")]
     checkpoint: Optional[str] = outcome.get("checkpoint")
-    lines.append(f"  checkpoint  {checkpoint or 'none (checkpoint.dir=null)'}")
+    none = f"none (nothing saved in {cfg.checkpoint.dir})" if cfg.checkpoint.dir else "none (checkpoint.dir=null)"
+    lines.append(f"  checkpoint  {checkpoint or none}")
     lines.append(f"  metrics     {cfg.logging.dir}/metrics.jsonl")
     if outcome.get("stopped"):
         return "\n".join(lines)  # the resume line follows (entry_point)
     if checkpoint and not t.eval_only:
         lines.append(f"  train on    the same command with train.train_steps={2 * t.train_steps} (resumes at step "
                      f"{outcome['step']}; the LR schedule stretches)")
-    lines.extend(next_commands(cfg, engine))
+    if checkpoint or engine == "deepspeed":  # nothing to export from an empty checkpoint.dir
+        lines.extend(next_commands(cfg, engine))
     return "\n".join(lines)

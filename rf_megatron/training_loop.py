@@ -126,9 +126,12 @@ class TrainingLoop(ResumeChecks):
             self._print(f"resumed from {path} at step {self.step} ({consumed} samples consumed)"
                         + ("; weights only (an HF import): a fresh optimizer and LR schedule"
                            if state.get("weights_only") else ""))
-            if not state.get("weights_only"):  # an HF import starts a fresh schedule: nothing of its own changed
+            if not (state.get("weights_only") or t.eval_only):  # a fresh schedule (an HF import), or none
                 self.note_schedule_changes(path)
             consumed = self.skip_rewound_data(consumed, plan.skip_batches)
+        elif t.eval_only:
+            where = f"in {self.cfg.checkpoint.dir}" if self.cfg.checkpoint.dir else "(checkpoint.dir=null)"
+            self._print(f"note: train.eval_only: no checkpoint {where} to resume: scoring the initialisation")
         self.stream = MicrobatchStream(self.train_ds, t.global_batch_size, t.micro_batch_size, consumed,
                                        **self.data_parallel())
         self.metrics = MetricsLogger(self.cfg.logging.dir, self.cfg.name, to_dict(self.cfg), log_writer,

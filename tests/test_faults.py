@@ -727,3 +727,40 @@ def test_a_disk_error_in_rank_0s_part_of_a_save_reaches_every_rank_instead_of_ha
     assert lines == [f"rank 0: OSError {errno.ENOSPC}", f"rank 1: OSError {errno.ENOSPC}"], proc.stdout
     listing = (tmp_path / "listing.txt").read_text()
     assert "latest" not in listing and "/ckpt/iter_0000001\n" not in listing, listing
+
+
+def test_checkpoints_without_a_latest_pointer_say_how_to_resume_the_newest(tmp_path):
+    """A deleted `latest` (or a kill during a run's first save) used to advise checkpoint.resume=true, which is what
+    the run already had."""
+    from rf_megatron.checkpoint_dir import prepare_fresh_run
+    from rf_megatron.config import ConfigError
+
+    for step in (8, 44):
+        make_checkpoint(tmp_path, step, "mine")
+    with pytest.raises(ConfigError) as err:
+        prepare_fresh_run(tmp_path, start_over=False, rank0=True)
+    assert str(err.value) == (
+        f"checkpoint.dir={tmp_path} holds checkpoints (iter_0000008, iter_0000044) but no latest pointer names one (a "
+        f"deleted latest, or a run killed during its first save): to resume the newest, echo iter_0000044 > "
+        f"{tmp_path / 'latest'}; or point checkpoint.dir elsewhere, or set checkpoint.start_over=true to move them "
+        "aside (nothing is deleted)")
+
+
+def test_a_latest_pointer_to_a_missing_checkpoint_names_the_newest_complete_one_even_if_newer(tmp_path):
+    from rf_megatron.checkpoint_dir import CheckpointError, latest_checkpoint
+
+    for step in (8, 44):
+        make_checkpoint(tmp_path, step, "mine")
+    (tmp_path / "latest").write_text("iter_0000040")
+    with pytest.raises(CheckpointError, match="the newest other complete checkpoint is iter_0000044: to resume from "
+                                              "it, echo iter_0000044 > "):
+        latest_checkpoint(tmp_path)
+
+
+def test_eval_only_without_a_checkpoint_says_it_scores_the_initialisation(data, tmp_path):
+    proc = train(data, tmp_path, **{"train.eval_only": "true"})
+    out = proc.stdout + proc.stderr
+    assert f"note: train.eval_only: no checkpoint in {tmp_path / 'ckpt'} to resume: scoring the initialisation" in out
+    summary = out[out.index("evaluated: "):]
+    assert summary.startswith("evaluated: step 0, ") and f"checkpoint  none (nothing saved in {tmp_path / 'ckpt'})" \
+        in summary and "export" not in summary, summary

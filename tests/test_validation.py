@@ -87,7 +87,8 @@ def test_every_evaluation_scores_the_same_tokens_and_logs_how_many(data, trained
 
 
 @pytest.mark.parametrize("layout", [
-    pytest.param({"train.seed": 1, "train.eval_interval": 1}, id="tp1-other-seed-and-interval"),
+    pytest.param({"train.seed": 1, "train.eval_interval": 1, "train.train_steps": 40, "optim.lr": 1e-3},
+                 id="tp1-other-seed-interval-and-schedule"),
     pytest.param({"parallel.tensor_parallel": 2, "train.seed": 7}, id="tp2-other-seed"),
     pytest.param({"parallel.pipeline_parallel": 2}, id="pp2"),
 ])
@@ -99,6 +100,8 @@ def test_a_checkpoints_validation_loss_is_the_same_in_any_layout_and_seed(data, 
     proc = torchrun(TRAIN, nproc, "--config", "tiny_cpu", *overrides(data, run, **{
         "data.valid_paths": f"[{data / 'heldout'}]", "data.split": "100,0,0", "train.eval_only": "true", **layout}))
     assert "resumed from" in proc.stdout
+    # an evaluation has no schedule to follow and no step to reach: no note of schedule changes, no "/40"
+    assert "LR schedule" not in proc.stdout and "evaluated: step 4, " in proc.stdout, proc.stdout[-2000:]
     (row,) = rows_with(run)
     want = rows_with(trained)[-1]
     assert row["step"] == 4 and row["valid_tokens"] == want["valid_tokens"]

@@ -14,7 +14,7 @@ from megatron.core import parallel_state as ps
 
 from .. import distopt_fixes, step_kernels
 from ..build import build_model, build_optimizer, build_scheduler, init_parallel, wants_fused_adam
-from ..checkpoint_dir import older_hint
+from ..checkpoint_dir import other_checkpoint_hint
 from ..checkpointing import load_checkpoint, save_checkpoint
 from ..config import ConfigError
 from ..data import chunk_iterators, load_tokenizer
@@ -174,7 +174,7 @@ class Trainer(TrainingLoop):
         except BaseException as exc:  # a damaged checkpoint: one line, not a stack trace per rank (torch
             # DCP's CheckpointException is a BaseException)
             error = ConfigError(f"cannot load {path}: {type(exc).__name__}: "
-                                f"{(str(exc).strip().splitlines() or [''])[0][:300]}{older_hint(path.parent, before=path)}")
+                                f"{(str(exc).strip().splitlines() or [''])[0][:300]}{other_checkpoint_hint(path.parent, besides=path)}")
             error.every_rank = True
             raise error from None
         self._set_lr_range(cfg.optim.lr, cfg.optim.min_lr)
