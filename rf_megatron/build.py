@@ -95,7 +95,7 @@ def build_scheduler(optimizer, optim: OptimConfig, train_steps: int):
 
     On resume only the step count comes from the checkpoint: the run config owns the schedule, so
     extending train.train_steps (or changing optim.lr) takes effect instead of being silently replaced
-    by the checkpoint's values (TrainingLoop.note_schedule_changes says what changed)."""
+    by the checkpoint's values (TrainingLoop.note_changes says what changed)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     o = optim

@@ -100,8 +100,9 @@ class ResumeChecks:
         self._print(f"skipping {skip_batches} global batch(es) ({skipped} samples) that the diverged steps read")
         return consumed + skipped
 
-    def note_schedule_changes(self, checkpoint) -> None:
-        """Say which schedule options differ from the checkpoint's run config (the current ones apply)."""
+    def note_changes(self, checkpoint) -> None:
+        """Say what differs from the checkpoint's run config and shapes the rest of the run (the current values
+        apply): the LR schedule, the global batch, the TP x PP layout."""
         saved = yaml.safe_load((Path(checkpoint) / "run_config.yaml").read_text()) or {}
         changes = []
         for section, key in SCHEDULE_OPTIONS:
@@ -110,6 +111,14 @@ class ResumeChecks:
                 changes.append(f"{section}.{key} {old} -> {new}")
         if changes:
             self._print(f"note: the LR schedule follows this run's config, changed since the checkpoint: {', '.join(changes)}")
+        old_batch, batch = (saved.get("train") or {}).get("global_batch_size"), self.cfg.train.global_batch_size
+        if old_batch is not None and old_batch != batch:
+            self._print(f"note: train.global_batch_size {old_batch} -> {batch}: each step from here reads {batch} "
+                        "samples")
+        layout = lambda p: f"TP{p.get('tensor_parallel', 1)} x PP{p.get('pipeline_parallel', 1)}"  # noqa: E731
+        old_layout, new_layout = layout(saved.get("parallel") or {}), layout(dataclasses.asdict(self.cfg.parallel))
+        if saved.get("parallel") and old_layout != new_layout:
+            self._print(f"note: the checkpoint was saved as {old_layout} and loads into {new_layout} (resharded)")
 
 
 def hold_checkpoint_dir(root) -> None:

@@ -127,7 +127,7 @@ class TrainingLoop(ResumeChecks):
                         + ("; weights only (an HF import): a fresh optimizer and LR schedule"
                            if state.get("weights_only") else ""))
             if not (state.get("weights_only") or t.eval_only):  # a fresh schedule (an HF import), or none
-                self.note_schedule_changes(path)
+                self.note_changes(path)
             consumed = self.skip_rewound_data(consumed, plan.skip_batches)
         elif t.eval_only:
             where = f"in {self.cfg.checkpoint.dir}" if self.cfg.checkpoint.dir else "(checkpoint.dir=null)"

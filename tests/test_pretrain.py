@@ -263,9 +263,13 @@ def test_extending_a_finished_run_follows_the_new_schedule(data, uninterrupted, 
     import math
 
     shutil.copytree(uninterrupted / "ckpt", tmp_path / "ckpt")
-    proc = train(data, tmp_path, **{"train.train_steps": 16, "optim.min_lr": 1e-4})
+    proc = train(data, tmp_path, nproc=1, **{"train.train_steps": 16, "optim.min_lr": 1e-4,
+                                             "train.global_batch_size": 16, "parallel.tensor_parallel": 1})
     assert "note: the LR schedule follows this run's config, changed since the checkpoint: " \
            "optim.min_lr 0.0003 -> 0.0001, train.train_steps 12 -> 16" in proc.stdout, proc.stdout[-2000:]
+    # the other changes that shape the rest of the run are said too
+    assert "note: train.global_batch_size 8 -> 16: each step from here reads 16 samples" in proc.stdout
+    assert "note: the checkpoint was saved as TP2 x PP1 and loads into TP1 x PP1 (resharded)" in proc.stdout
     rows = [json.loads(line) for line in open(tmp_path / "log" / "metrics.jsonl")]
     lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
     assert sorted(lrs) == [13, 14, 15, 16]
