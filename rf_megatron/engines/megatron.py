@@ -173,8 +173,9 @@ class Trainer(TrainingLoop):
             raise
         except BaseException as exc:  # a damaged checkpoint: one line, not a stack trace per rank (torch
             # DCP's CheckpointException is a BaseException)
-            error = ConfigError(f"cannot load {path}: {type(exc).__name__}: "
-                                f"{(str(exc).strip().splitlines() or [''])[0][:300]}{other_checkpoint_hint(path.parent, besides=path)}")
+            first = (str(exc).strip().splitlines() or [''])[0][:300]
+            error = ConfigError(f"cannot load {path}: {type(exc).__name__}: {first}"
+                                f"{other_checkpoint_hint(path.parent, besides=path)}")
             error.every_rank = True
             raise error from None
         self._set_lr_range(cfg.optim.lr, cfg.optim.min_lr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence
@@ -115,8 +116,6 @@ def training_split(folder, stem: str) -> Optional[str]:
     """The data.split this model trained with, where the indexed dataset `stem` is one it trained on (the run
     config the export copied into the folder names them); None otherwise. Scored whole, that dataset is mostly
     documents the model has seen."""
-    import os
-
     import yaml
 
     from .folder import RUN_CONFIG_COPY
