@@ -817,3 +817,15 @@ def test_approach2_names_each_budget_that_gives_no_minimum_and_why():
         {"budget": 5e9, "why": "the loss does not turn up over the sampled sizes (lowest at the smallest, N=3e+04): "
                                "they do not bracket the optimum"},
         {"budget": 1e11, "why": "2 distinct sizes (a parabola needs 3)"}]
+
+
+def test_the_power_verdict_says_which_design_reaches_it():
+    """'9 runs/family (your runs) ... power 0.00' followed by '9 runs per family (3 sizes x 3 budgets) reach power
+    0.8' read as a contradiction: the verdict is about a planned IsoFLOP design, and now says so."""
+    proc = subprocess.run([PY, str(REPO / "tools" / "scaling_power.py"), "--law", "1.7", "400", "400", "0.34", "0.28",
+                           "--noise", "0.001", "--budgets", "1e18", "3e18", "1e19", "--sizes", "3", "--savings", "0.2",
+                           "--sims", "3"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip().splitlines()[-1] == (
+        "20% saving: 9 runs per family reach power 0.8 as an IsoFLOP design of 3 sizes x 3 budgets (log-spaced "
+        "+-1 decade around each budget's optimum)")

@@ -90,9 +90,10 @@ def main(argv=None) -> int:
     rows = power_table(law, a.savings, noise, budgets, sorted(set(a.sizes)), a.sims, a.seed, log=print, design=design)
     needed = runs_needed(rows, a.power)
     for saving, runs in needed.items():
-        print(f"{100 * saving:.0f}% saving: " + (f"{runs} runs per family ({runs // len(budgets)} sizes x "
-                                                   f"{len(budgets)} budgets) reach power {a.power}" if runs else
-                                                   f"no design tried reaches power {a.power}: add sizes or budgets"))
+        print(f"{100 * saving:.0f}% saving: " + (
+            f"{runs} runs per family reach power {a.power} as an IsoFLOP design of {runs // len(budgets)} sizes x "
+            f"{len(budgets)} budgets (log-spaced +-1 decade around each budget's optimum)"
+            if runs else f"no design tried reaches power {a.power}: add sizes or budgets"))
     if a.out:
         write_json({"law": law.as_dict(), "noise": noise, "budgets": budgets, "rows": rows,
                     "runs_needed": {str(k): v for k, v in needed.items()}, "power": a.power}, a.out)
