@@ -16,6 +16,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .errors import first_line
+
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token loss in fp32, shaped like `labels`; `logits` is `labels`' shape plus the vocabulary."""
     vocab = logits.shape[-1]
@@ -47,8 +49,7 @@ class CompiledCrossEntropy:
         except torch._dynamo.exc.TorchDynamoException as exc:  # the compiler, not the math, failed
             if self._fallback is None:
                 raise
-            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            self._warn(f"warning: torch.compile of the cross-entropy failed ({first}); using Megatron's "
-                       "vocab_parallel_cross_entropy (parallel.cross_entropy=megatron says so up front)")
+            self._warn(f"warning: torch.compile of the cross-entropy failed ({first_line(exc, 160)}); using "
+                       "Megatron's vocab_parallel_cross_entropy (parallel.cross_entropy=megatron says so up front)")
             self._compiled = None
             return self._fallback(logits, labels)

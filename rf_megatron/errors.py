@@ -2,10 +2,18 @@
 
 It lives at the bottom of the import graph (docs/architecture.md) so that every layer can raise it."""
 import argparse
+from typing import Optional
 
 
 class ConfigError(ValueError):
     """A user configuration that cannot work. The message is one line naming the option."""
+
+
+def first_line(exc: BaseException, limit: Optional[int] = 200) -> str:
+    """What a one-line error quotes of an exception: its message's first line (cut at `limit` characters), or its
+    type's name when it has no message."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
 
 
 class ArgumentParser(argparse.ArgumentParser):

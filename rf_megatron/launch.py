@@ -22,6 +22,8 @@ import uuid
 from pathlib import Path
 from typing import List, NoReturn, Optional
 
+from .errors import first_line
+
 EXIT_DIR = "RF_LAUNCH_EXIT_DIR"  # where each worker leaves its exit code (report_exit) for the launcher
 SAVE_SECONDS = "600"  # how long a stop signal waits for the ranks to save before they are killed
 
@@ -82,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         config, cmd, cmd_args = config_from_args(args)
     except (ValueError, AssertionError, RuntimeError) as exc:  # a value torchrun refuses (--nproc-per-node two)
-        _fail(str(exc).strip().splitlines()[0])
+        _fail(first_line(exc, None))
     with tempfile.TemporaryDirectory(prefix="rf-launch-") as exits:
         os.environ[EXIT_DIR] = exits
         return _launch(config, cmd, cmd_args, Path(exits))

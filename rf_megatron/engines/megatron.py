@@ -18,6 +18,7 @@ from ..checkpoint_dir import other_checkpoint_hint
 from ..checkpointing import load_checkpoint, save_checkpoint
 from ..config import ConfigError
 from ..data import chunk_iterators, load_tokenizer
+from ..errors import first_line
 from ..device import current_device, select_device, to_device
 from ..flops import parameter_counts
 from ..model import unwrap
@@ -72,8 +73,7 @@ def compile_error(exc: Exception, parallel) -> Optional[ConfigError]:
                                ("parallel.cross_entropy=megatron", parallel.cross_entropy == "compiled")) if on]
     if dynamo is None or not isinstance(exc, dynamo.TorchDynamoException) or not way_out:
         return None
-    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-    return ConfigError(f"torch.compile failed ({first}): set {' and '.join(way_out)}")
+    return ConfigError(f"torch.compile failed ({first_line(exc)}): set {' and '.join(way_out)}")
 
 
 class Trainer(TrainingLoop):

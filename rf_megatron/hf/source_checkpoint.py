@@ -11,6 +11,7 @@ from typing import Dict, Optional
 
 import torch
 
+from ..errors import first_line
 from .weights import ConversionError, check_exportable
 
 
@@ -128,8 +129,7 @@ def load_megatron_model(it: Path, cfg):
     try:
         return load_single_model(it, cfg.model)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConversionError(f"cannot load the model from {it}: {first[:300]}") from None
+        raise ConversionError(f"cannot load the model from {it}: {first_line(exc, 300)}") from None
 
 
 def megatron_state(model) -> Dict[str, torch.Tensor]:  # the in-memory mapping, for tests

@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Iterable, List
 
+from ..errors import first_line
 from .accounting import account
 from .family import family_label
 from .sweep import final_valid_loss, read_metrics
@@ -99,4 +100,4 @@ def read_table(path):
     try:
         return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     except (OSError, ValueError, ImportError) as exc:  # pandas' parser errors are ValueErrors
-        raise ValueError(f"{path}: cannot read it as a table ({(str(exc).strip().splitlines() or [''])[0][:200]})") from None
+        raise ValueError(f"{path}: cannot read it as a table ({first_line(exc)})") from None
