@@ -213,10 +213,14 @@ def tokenized_with(prefix: str, tokenizer) -> Optional[str]:
                     f"tools/preprocess_data.py --tokenizer-model {tokenizer.model_path}")
 
 
+def dataset_prefix(path) -> str:
+    """An indexed dataset's prefix, given the prefix or its .bin / .idx file (what a shell completes)."""
+    path = os.fspath(path)
+    return path[:-4] if path.endswith((".bin", ".idx")) else path
+
+
 def _paths(prefix: str) -> Tuple[str, str]:
-    prefix = os.fspath(prefix)
-    if prefix.endswith((".bin", ".idx")):
-        prefix = prefix[:-4]
+    prefix = dataset_prefix(prefix)
     return prefix + ".idx", prefix + ".bin"
 
 

@@ -115,9 +115,10 @@ class ResumeChecks:
         if old_batch is not None and old_batch != batch:
             self._print(f"note: train.global_batch_size {old_batch} -> {batch}: each step from here reads {batch} "
                         "samples")
-        layout = lambda p: f"TP{p.get('tensor_parallel', 1)} x PP{p.get('pipeline_parallel', 1)}"  # noqa: E731
-        old_layout, new_layout = layout(saved.get("parallel") or {}), layout(dataclasses.asdict(self.cfg.parallel))
-        if saved.get("parallel") and old_layout != new_layout:
+        was, now = saved.get("parallel") or {}, self.cfg.parallel
+        old_layout = f"TP{was.get('tensor_parallel', 1)} x PP{was.get('pipeline_parallel', 1)}"
+        new_layout = f"TP{now.tensor_parallel} x PP{now.pipeline_parallel}"
+        if was and old_layout != new_layout:
             self._print(f"note: the checkpoint was saved as {old_layout} and loads into {new_layout} (resharded)")
 
 

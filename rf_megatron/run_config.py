@@ -20,6 +20,7 @@ import yaml
 
 from .config import ConfigError, ModelConfig, OptimConfig, ParallelConfig
 from .console import is_rank0
+from .indexed_data import dataset_prefix
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"  # package data: found wherever rf_megatron is installed
 
@@ -39,10 +40,9 @@ class DataConfig:
     cache_dir: Optional[str] = None
 
     def __post_init__(self):
-        # a dataset's .bin or .idx file (what a shell completes) names its prefix, which is what Megatron reads
+        # a dataset's .bin or .idx file names its prefix, which is what Megatron reads (a blend's weights stay)
         for option in ("paths", "valid_paths", "test_paths"):
-            setattr(self, option, [p[:-4] if isinstance(p, str) and p.endswith((".bin", ".idx")) else p
-                                   for p in getattr(self, option)])
+            setattr(self, option, [dataset_prefix(p) if isinstance(p, str) else p for p in getattr(self, option)])
 
 
 @dataclass

@@ -83,17 +83,18 @@ def main(argv=None) -> int:
             split = _split(args.split) if args.split else None
             stem = ev.indexed_prefix(args.perplexity, split)  # a wrong path fails before the model loads
             trained_split = ev.training_split(folder, stem) if stem else None
+            trained_weights = _split(trained_split) if trained_split else None
             if trained_split and not split:
                 said = f"note: {args.perplexity} is this model's training data (data.paths of its run config)"
-                if _split(trained_split)[ev.SPLIT_PARTS.index(args.part)] > 0:
-                    args.split, split = trained_split, _split(trained_split)
+                if trained_weights[ev.SPLIT_PARTS.index(args.part)] > 0:
+                    args.split, split = trained_split, trained_weights
                     unseen = ", the documents it did not train on" if args.part != "train" else ""
                     print(f"{said}: scoring the {args.part} part of its data.split {trained_split}{unseen} "
                           "(--split 100,0,0 --part train: all of it)", flush=True)
                 else:  # its split held nothing of this dataset out
                     print(f"{said}, all of it (data.split {trained_split}): a score of documents it trained on",
                           flush=True)
-            elif trained_split and split != _split(trained_split) and args.part != "train":
+            elif trained_split and split != trained_weights and args.part != "train":
                 print(f"note: this model trained with data.split {trained_split}: --split {args.split} cuts "
                       "differently, so part of what it scores was trained on", flush=True)
             model, tokenizer = ev.load_model(folder, args.dtype, args.device)

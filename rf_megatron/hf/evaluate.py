@@ -19,6 +19,8 @@ from typing import Callable, Iterable, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..indexed_data import DataError, dataset_prefix, iter_documents, split_tokens
+
 
 class EvaluationError(ValueError):
     """A user mistake (missing folder, unknown task, empty data): reported as one line, exit 2."""
@@ -102,7 +104,7 @@ def indexed_prefix(source, split: Optional[Sequence[float]] = None) -> Optional[
     """The indexed dataset's prefix (PREFIX, PREFIX.bin or PREFIX.idx given), or None for a text/JSONL file;
     checked before any model is loaded, so a wrong path fails in a second."""
     source = str(source)
-    stem = source[:-4] if source.endswith((".bin", ".idx")) else source
+    stem = dataset_prefix(source)
     if Path(stem + ".idx").is_file() or Path(stem + ".bin").is_file():
         return stem
     if not Path(source).is_file():
@@ -125,9 +127,8 @@ def training_split(folder, stem: str) -> Optional[str]:
     except (OSError, yaml.YAMLError):
         return None
     for path in map(str, data.get("paths") or []):
-        prefix = path[:-4] if path.endswith((".bin", ".idx")) else path
         try:
-            if os.path.samefile(stem + ".idx", prefix + ".idx"):
+            if os.path.samefile(stem + ".idx", dataset_prefix(path) + ".idx"):
                 return str(data.get("split"))
         except OSError:  # a weight of a blend, or a dataset not on this machine
             continue
@@ -138,8 +139,6 @@ def tokens_of(source, tokenizer, split: Optional[Sequence[float]] = None, part: 
     """(token ids to score, UTF-8 bytes they encode or None): a Megatron indexed dataset (`split` picks the
     documents training held out, e.g. 949,50,1 and part=valid; no bytes), or a JSONL/text file tokenized by the
     folder's tokenizer (its bytes give bits/byte)."""
-    from ..indexed_data import DataError, iter_documents, split_tokens
-
     stem = indexed_prefix(source, split)
     if stem is not None:
         try:
